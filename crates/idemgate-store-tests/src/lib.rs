@@ -1,0 +1,2 @@
+//! Conformance suite. STUB.
+pub mod servers;

@@ -1,0 +1,1 @@
+//! In-memory store. STUB: to be implemented.
