@@ -1,0 +1,1 @@
+//! The embedded store. STUB: to be implemented.

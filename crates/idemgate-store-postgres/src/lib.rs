@@ -1,0 +1,1 @@
+//! The postgres store. STUB: to be implemented.
