@@ -39,6 +39,8 @@ pub enum ProblemKind {
     ScopeInvalid,
     /// The request body stalled past the timeout.
     RequestBodyTimeout,
+    /// The request body ended before it was complete (the client went away).
+    RequestBodyIncomplete,
     /// A request with this key is in flight.
     RequestInFlight,
     /// The first response was too large to store.
@@ -79,6 +81,7 @@ impl ProblemKind {
             ScopeMissing => "scope-missing",
             ScopeInvalid => "scope-invalid",
             RequestBodyTimeout => "request-body-timeout",
+            RequestBodyIncomplete => "request-body-incomplete",
             RequestInFlight => "request-in-flight",
             ResponseNotStored => "response-not-stored",
             RequestTooLarge => "request-too-large",
@@ -99,9 +102,13 @@ impl ProblemKind {
     pub fn status(self) -> StatusCode {
         use ProblemKind::*;
         match self {
-            KeyMissing | KeyMalformed | KeyLength | KeyRepeated | ScopeMissing | ScopeInvalid => {
-                StatusCode::BAD_REQUEST
-            }
+            KeyMissing
+            | KeyMalformed
+            | KeyLength
+            | KeyRepeated
+            | ScopeMissing
+            | ScopeInvalid
+            | RequestBodyIncomplete => StatusCode::BAD_REQUEST,
             RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             RequestInFlight | LeaseLost => StatusCode::CONFLICT,
             ResponseNotStored => StatusCode::GONE,
@@ -125,6 +132,7 @@ impl ProblemKind {
             ScopeMissing => "Caller identity required",
             ScopeInvalid => "Caller identity invalid",
             RequestBodyTimeout => "Request body timed out",
+            RequestBodyIncomplete => "Request body incomplete",
             RequestInFlight => "A request with this Idempotency-Key is in progress",
             ResponseNotStored => "Original response was too large to store",
             RequestTooLarge => "Request body too large",
@@ -158,7 +166,12 @@ impl ProblemKind {
             KeyRepeated => "Send exactly one Idempotency-Key header.",
             ScopeMissing => "Idempotent requests must carry caller credentials on this endpoint.",
             ScopeInvalid => "The caller credentials could not be verified.",
-            RequestBodyTimeout => "The request body was not received in time; nothing was executed.",
+            RequestBodyTimeout => {
+                "The request body was not received in time; nothing was executed."
+            }
+            RequestBodyIncomplete => {
+                "The request body ended before it was complete; nothing was executed."
+            }
             RequestInFlight => {
                 "A request with this Idempotency-Key is still being processed. Retry after the indicated delay."
             }
@@ -172,20 +185,30 @@ impl ProblemKind {
             RecordUnreadable => {
                 "The stored record for this Idempotency-Key cannot be read; the request was not executed."
             }
-            HandlerFailed => "The original request failed inside the server; it will not be executed again.",
-            UpstreamUnreachable => "The request could not be sent to the upstream; it was not executed. Retry with the same key.",
+            HandlerFailed => {
+                "The original request failed inside the server; it will not be executed again."
+            }
+            UpstreamUnreachable => {
+                "The request could not be sent to the upstream; it was not executed. Retry with the same key."
+            }
             ResponseIncomplete => {
                 "The original request was executed, but its response failed part-way; the partial body is not replayed."
             }
             OutcomeUnknown => {
                 "The original request may or may not have taken effect, and its response was lost. It will not be executed again; contact the operator to settle it."
             }
-            StoreUnavailable => "The idempotency store cannot be reached; nothing was executed. Retry with the same key.",
-            StoreFull => "The idempotency store is full; nothing was executed. Retry later with the same key.",
+            StoreUnavailable => {
+                "The idempotency store cannot be reached; nothing was executed. Retry with the same key."
+            }
+            StoreFull => {
+                "The idempotency store is full; nothing was executed. Retry later with the same key."
+            }
             OutcomePending => {
                 "The request is still being processed. Retry with the same key to get its outcome."
             }
-            LeaseLost => "The request lost its idempotency lease before it committed; it was rolled back.",
+            LeaseLost => {
+                "The request lost its idempotency lease before it committed; it was rolled back."
+            }
         }
     }
 }
@@ -262,11 +285,7 @@ impl Problem {
         obj.insert("status".into(), json!(self.status.as_u16()));
         obj.insert(
             "detail".into(),
-            json!(
-                self.detail
-                    .as_deref()
-                    .unwrap_or(self.kind.default_detail())
-            ),
+            json!(self.detail.as_deref().unwrap_or(self.kind.default_detail())),
         );
         for (k, v) in &self.extra {
             obj.insert(k.clone(), v.clone());
@@ -313,6 +332,7 @@ mod tests {
             ScopeMissing,
             ScopeInvalid,
             RequestBodyTimeout,
+            RequestBodyIncomplete,
             RequestInFlight,
             ResponseNotStored,
             RequestTooLarge,

@@ -318,8 +318,12 @@ impl Outcome {
                 let body = Bytes::copy_from_slice(r.bytes()?);
                 Outcome::Response { head, body }
             }
-            2 => Outcome::BodyNotStored { head: read_head(r)? },
-            3 => Outcome::BodyIncomplete { head: read_head(r)? },
+            2 => Outcome::BodyNotStored {
+                head: read_head(r)?,
+            },
+            3 => Outcome::BodyIncomplete {
+                head: read_head(r)?,
+            },
             4 => {
                 let kind = match r.u8()? {
                     1 => StoredProblemKind::OutcomeUnknown,

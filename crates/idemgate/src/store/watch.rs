@@ -48,9 +48,7 @@ impl WatchHub {
     /// Subscribes to `id`; `None` when `max_waiters` already wait on it.
     pub fn watch(&self, id: &RecordId, max_waiters: usize) -> Option<Watch> {
         let mut shard = lock(self.shard(id));
-        let sender = shard
-            .entry(*id)
-            .or_insert_with(|| watch::channel(0).0);
+        let sender = shard.entry(*id).or_insert_with(|| watch::channel(0).0);
         if sender.receiver_count() >= max_waiters {
             return None;
         }

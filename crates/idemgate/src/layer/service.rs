@@ -1,0 +1,643 @@
+//! `IdempotencyLayer` and the `Idempotency` service: the request flow up to execution.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, header, request::Parts};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::attempt::{self, Attempt};
+use super::body::{BoxError, RequestBody, ResponseBody};
+use super::finisher::{FinishOp, Finisher};
+use super::replay;
+use crate::fingerprint::fingerprint;
+use crate::key::{KeyError, key_from_headers};
+use crate::observe::{NoopObserver, Observer, RequestOutcome, StoreOp};
+use crate::policy::{Concurrency, MethodPolicy, Policy, PolicyResolver};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::{Timestamp, Token};
+use crate::scope::{AuthorizationScope, MissingScope, Scope, ScopeError, ScopeResolver};
+use crate::store::{Acquire, AcquireRequest, Store, StoreError};
+
+/// Everything the layer's services share.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    policy: Arc<dyn PolicyResolver>,
+    scope: Arc<dyn ScopeResolver>,
+    pub(crate) observer: Arc<dyn Observer>,
+    pub(crate) finisher: Arc<Finisher>,
+    // Tries of an operation with the same token before the layer gives up on it inline.
+    store_tries: u32,
+}
+
+/// Adds Idempotency-Key enforcement to a service. See the [module docs](crate::layer).
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    shared: Arc<Shared>,
+}
+
+impl IdempotencyLayer {
+    /// A layer over `store` that protects POST and PATCH with the default [`Policy`], scoped by
+    /// the `Authorization` header (anonymous when absent).
+    pub fn new<S: Store>(store: Arc<S>) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// A builder over `store` (any `Arc<impl Store>` or `Arc<dyn Store>`).
+    pub fn builder(store: Arc<dyn Store>) -> IdempotencyLayerBuilder {
+        IdempotencyLayerBuilder {
+            store,
+            policy: Arc::new(MethodPolicy::default()),
+            scope: Arc::new(AuthorizationScope),
+            observer: Arc::new(NoopObserver),
+            finish_queue: 10_000,
+            finish_give_up_after: Duration::from_secs(600),
+            store_tries: 3,
+        }
+    }
+
+    /// How many finishing operations (`complete`/`release` that failed inline) are being
+    /// retried in the background.
+    pub fn pending_finishes(&self) -> usize {
+        self.shared.finisher.pending()
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Configures an [`IdempotencyLayer`].
+#[must_use]
+pub struct IdempotencyLayerBuilder {
+    store: Arc<dyn Store>,
+    policy: Arc<dyn PolicyResolver>,
+    scope: Arc<dyn ScopeResolver>,
+    observer: Arc<dyn Observer>,
+    finish_queue: usize,
+    finish_give_up_after: Duration,
+    store_tries: u32,
+}
+
+impl IdempotencyLayerBuilder {
+    /// Decides per request whether and how it is protected (default: POST and PATCH with
+    /// [`Policy::default`]).
+    pub fn policy(mut self, resolver: impl PolicyResolver) -> Self {
+        self.policy = Arc::new(resolver);
+        self
+    }
+
+    /// Finds the caller identity (default: the `Authorization` header).
+    pub fn scope(mut self, resolver: impl ScopeResolver) -> Self {
+        self.scope = Arc::new(resolver);
+        self
+    }
+
+    /// Receives metrics events.
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Bounds the background retries of failed `complete`/`release` (default 10 000 pending,
+    /// each given up after 10 minutes).
+    pub fn finish_queue(mut self, capacity: usize, give_up_after: Duration) -> Self {
+        self.finish_queue = capacity;
+        self.finish_give_up_after = give_up_after;
+        self
+    }
+
+    /// How many times an operation is tried inline, with the same token, before the layer
+    /// answers 503 (default 3).
+    pub fn store_tries(mut self, tries: u32) -> Self {
+        self.store_tries = tries.max(1);
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> IdempotencyLayer {
+        IdempotencyLayer {
+            shared: Arc::new(Shared {
+                store: self.store,
+                policy: self.policy,
+                scope: self.scope,
+                observer: self.observer,
+                finisher: Arc::new(Finisher::new(self.finish_queue, self.finish_give_up_after)),
+                store_tries: self.store_tries,
+            }),
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Idempotency<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming the wrapper.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The future of [`Idempotency`].
+pub struct ResponseFuture<E> {
+    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, E>> + Send>>,
+}
+
+impl<E> Future for ResponseFuture<E> {
+    type Output = Result<Response<ResponseBody>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display + Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The ready service goes into the future; the clone stays for the next poll_ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        ResponseFuture {
+            inner: Box::pin(handle(shared, inner, request)),
+        }
+    }
+}
+
+fn problem(shared: &Shared, outcome: RequestOutcome, p: Problem) -> Response<ResponseBody> {
+    shared.observer.request(outcome);
+    p.into_response()
+}
+
+async fn passthrough<S, ReqB, ResB>(
+    shared: &Shared,
+    mut inner: S,
+    parts: Parts,
+    body: RequestBody<ReqB>,
+    outcome: RequestOutcome,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    shared.observer.request(outcome);
+    let response = inner.call(Request::from_parts(parts, body)).await?;
+    Ok(response.map(ResponseBody::inner))
+}
+
+async fn handle<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    request: Request<ReqB>,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display + Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let Some(policy) = shared.policy.resolve(&parts) else {
+        return passthrough(
+            &shared,
+            inner,
+            parts,
+            RequestBody::streaming(body),
+            RequestOutcome::Passthrough,
+        )
+        .await;
+    };
+
+    // 1. The key, before anything touches the store (draft §5).
+    let key = match key_from_headers(&parts.headers, &policy.key) {
+        Ok(Some(key)) => key,
+        Ok(None) if policy.require_key => {
+            return Ok(problem(
+                &shared,
+                RequestOutcome::Rejected,
+                Problem::new(ProblemKind::KeyMissing),
+            ));
+        }
+        Ok(None) => {
+            return passthrough(
+                &shared,
+                inner,
+                parts,
+                RequestBody::streaming(body),
+                RequestOutcome::Passthrough,
+            )
+            .await;
+        }
+        Err(e) => {
+            let kind = match e {
+                KeyError::Repeated => ProblemKind::KeyRepeated,
+                KeyError::Malformed(_) => ProblemKind::KeyMalformed,
+                KeyError::Length { .. } => ProblemKind::KeyLength,
+            };
+            return Ok(problem(
+                &shared,
+                RequestOutcome::Rejected,
+                Problem::new(kind).with_detail(e.to_string()),
+            ));
+        }
+    };
+
+    // 2. Whose key it is.
+    let scope = match shared.scope.resolve(&parts) {
+        Ok(Some(scope)) => scope,
+        Ok(None) => match policy.on_missing_scope {
+            MissingScope::Anonymous => Scope::anonymous(),
+            MissingScope::Reject => {
+                return Ok(problem(
+                    &shared,
+                    RequestOutcome::Rejected,
+                    Problem::new(ProblemKind::ScopeMissing),
+                ));
+            }
+            MissingScope::Passthrough => {
+                return passthrough(
+                    &shared,
+                    inner,
+                    parts,
+                    RequestBody::streaming(body),
+                    RequestOutcome::Passthrough,
+                )
+                .await;
+            }
+        },
+        Err(ScopeError::Invalid(reason)) => {
+            tracing::debug!(%reason, "caller identity invalid");
+            return Ok(problem(
+                &shared,
+                RequestOutcome::Rejected,
+                Problem::new(ProblemKind::ScopeInvalid),
+            ));
+        }
+    };
+
+    // 3. The whole body, to fingerprint it.
+    let bytes = match read_body(body, &parts, &policy).await {
+        Ok(bytes) => bytes,
+        Err(rejection) => return Ok(problem(&shared, RequestOutcome::Rejected, rejection)),
+    };
+    let id = scope.record_id(&key);
+    let acquire = AcquireRequest {
+        id,
+        fingerprint: fingerprint(&parts, &bytes, &policy.fingerprint),
+        token: Token::random(),
+        lease: policy.lease,
+        on_lease_expiry: policy.on_lease_expiry,
+        retention: policy.ttl,
+    };
+
+    // 4. Acquire, and act on the answer.
+    let answer = match acquire_answer(&shared, &acquire).await {
+        Ok(answer) => answer,
+        Err(e) => return on_store_error(&shared, inner, parts, bytes, &policy, e).await,
+    };
+    let (answer, waited) = match (answer, policy.concurrency) {
+        (Acquire::InFlight { lease_expires_at }, Concurrency::Wait { max }) => {
+            match wait_for_outcome(&shared, &acquire, &policy, lease_expires_at, max).await {
+                Ok(answer) => (answer, true),
+                Err(e) => return on_store_error(&shared, inner, parts, bytes, &policy, e).await,
+            }
+        }
+        (answer, _) => (answer, false),
+    };
+    Ok(match answer {
+        Acquire::Acquired { .. } => execute(shared, inner, parts, bytes, acquire, policy).await,
+        Acquire::Completed(record) => {
+            shared.observer.request(if waited {
+                RequestOutcome::WaitedReplay
+            } else {
+                RequestOutcome::Replayed
+            });
+            replay::replay(&record.outcome, &parts.headers, &policy)
+        }
+        Acquire::Mismatch => problem(
+            &shared,
+            RequestOutcome::Mismatch,
+            Problem::new(ProblemKind::KeyReused),
+        ),
+        Acquire::InFlight { lease_expires_at } => problem(
+            &shared,
+            RequestOutcome::Conflict,
+            Problem::new(ProblemKind::RequestInFlight)
+                .with_retry_after(retry_after(lease_expires_at, policy.lease)),
+        ),
+    })
+}
+
+/// Seconds until the holder's next renewal (it renews every third of the lease), at least 1.
+fn retry_after(lease_expires_at: Timestamp, lease: Duration) -> Duration {
+    let remaining = lease_expires_at.saturating_since(Timestamp::now());
+    remaining
+        .saturating_sub(lease * 2 / 3)
+        .max(Duration::from_secs(1))
+}
+
+/// Reads the whole request body under the policy's size and stall limits (SPEC §3).
+async fn read_body<B>(body: B, parts: &Parts, policy: &Policy) -> Result<Bytes, Problem>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let limit = policy.max_request_body;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Checked before the body is polled, so hyper never sends `100 Continue` for it.
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Problem::new(ProblemKind::RequestTooLarge)
+            .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    let mut total: u64 = 0;
+    loop {
+        let frame =
+            match tokio::time::timeout(policy.request_body_timeout, body.as_mut().frame()).await {
+                Err(_) => {
+                    return Err(Problem::new(ProblemKind::RequestBodyTimeout)
+                        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    let e: BoxError = e.into();
+                    tracing::debug!(error = %e, "request body ended early; nothing executed");
+                    return Err(Problem::new(ProblemKind::RequestBodyIncomplete)
+                        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total = total.saturating_add(data.len() as u64);
+        if total > limit {
+            // The rest of the body is not read: the connection must close.
+            return Err(Problem::new(ProblemKind::RequestTooLarge)
+                .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+        }
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut buf =
+                    BytesMut::with_capacity(declared.map_or(f.len() + data.len(), |n| n as usize));
+                buf.extend_from_slice(f);
+                buf.extend_from_slice(&data);
+                rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// A store operation, timed for the observer and tried with the same token up to
+/// `store_tries` times while it fails retryably.
+pub(crate) async fn with_tries<T, F, Fut>(
+    shared: &Shared,
+    op: StoreOp,
+    mut call: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let started = Instant::now();
+        let result = call().await;
+        shared
+            .observer
+            .store_op(op, started.elapsed(), result.is_ok());
+        match result {
+            Err(e) if e.is_retryable() && tries < shared.store_tries => {
+                tokio::time::sleep(Duration::from_millis(5 << tries)).await;
+            }
+            Err(StoreError::Corrupt(reason)) => {
+                shared.observer.unreadable_record();
+                return Err(StoreError::Corrupt(reason));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn acquire_answer(shared: &Arc<Shared>, req: &AcquireRequest) -> Result<Acquire, StoreError> {
+    let result = with_tries(shared, StoreOp::Acquire, || shared.store.acquire(*req)).await;
+    if let Err(StoreError::Timeout {
+        maybe_applied: true,
+    }) = &result
+    {
+        // The acquire may have landed with nobody to execute it: release it in the background
+        // so the key does not sit in flight until its lease lapses.
+        shared.finisher.enqueue(
+            shared.store.clone(),
+            shared.observer.clone(),
+            req.id,
+            req.token,
+            FinishOp::Release,
+        );
+    }
+    result
+}
+
+/// Wait mode (SPEC §7): subscribe, then re-read; woken by completion and release, re-checks
+/// when the lease would lapse; past `max`, the InFlight answer stands (409).
+async fn wait_for_outcome(
+    shared: &Arc<Shared>,
+    req: &AcquireRequest,
+    policy: &Policy,
+    mut lease_expires_at: Timestamp,
+    max: Duration,
+) -> Result<Acquire, StoreError> {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        let Some(mut watch) = shared
+            .store
+            .watch(&req.id, policy.max_waiters_per_key)
+            .await?
+        else {
+            return Ok(Acquire::InFlight { lease_expires_at });
+        };
+        match acquire_answer(shared, req).await? {
+            Acquire::InFlight {
+                lease_expires_at: l,
+            } => lease_expires_at = l,
+            other => return Ok(other),
+        }
+        let recheck = tokio::time::Instant::now()
+            + lease_expires_at.saturating_since(Timestamp::now())
+            + Duration::from_millis(20);
+        let wake = recheck.min(deadline);
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // One last look, so an outcome that landed at the deadline is not a 409.
+            return acquire_answer(shared, req).await;
+        }
+    }
+}
+
+async fn on_store_error<S, ReqB, ResB>(
+    shared: &Arc<Shared>,
+    inner: S,
+    parts: Parts,
+    bytes: Bytes,
+    policy: &Policy,
+    error: StoreError,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let p = match &error {
+        StoreError::Corrupt(reason) => {
+            tracing::error!(%reason, "stored record unreadable; request not executed");
+            return Ok(problem(
+                shared,
+                RequestOutcome::StoreError,
+                Problem::new(ProblemKind::RecordUnreadable),
+            ));
+        }
+        StoreError::Full(_) => {
+            Problem::new(ProblemKind::StoreFull).with_retry_after(Duration::from_secs(5))
+        }
+        _ => Problem::new(ProblemKind::StoreUnavailable).with_retry_after(Duration::from_secs(1)),
+    };
+    if policy.fail_open {
+        tracing::warn!(%error, "store failed; fail_open executes the request unprotected");
+        return passthrough(
+            shared,
+            inner,
+            parts,
+            RequestBody::buffered(bytes),
+            RequestOutcome::FailedOpen,
+        )
+        .await;
+    }
+    tracing::warn!(%error, "store failed; request not executed");
+    Ok(problem(shared, RequestOutcome::StoreError, p))
+}
+
+async fn execute<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    parts: Parts,
+    bytes: Bytes,
+    acquire: AcquireRequest,
+    policy: Arc<Policy>,
+) -> Response<ResponseBody>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display + Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let (respond, response) = oneshot::channel();
+    let client_deadline = policy.client_deadline;
+    // The work belongs to idemgate from here: it goes on if the client vanishes.
+    tokio::spawn(attempt::run(Attempt {
+        shared,
+        inner,
+        request: Request::from_parts(parts, RequestBody::buffered(bytes)),
+        id: acquire.id,
+        token: acquire.token,
+        policy,
+        respond,
+    }));
+    let response = async {
+        response.await.unwrap_or_else(|_| {
+            // The attempt task ended without answering: only a runtime shutdown does that.
+            Problem::new(ProblemKind::OutcomePending).into_response()
+        })
+    };
+    match client_deadline {
+        None => response.await,
+        Some(deadline) => match tokio::time::timeout(deadline, response).await {
+            Ok(r) => r,
+            Err(_) => Problem::new(ProblemKind::OutcomePending).into_response(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_until_next_renewal_and_at_least_one_second() {
+        let lease = Duration::from_secs(30);
+        let now = Timestamp::now();
+        // Just renewed: the next renewal is in 10 s.
+        let d = retry_after(now.after(lease), lease);
+        assert!((9..=10).contains(&d.as_secs()), "{d:?}");
+        assert_eq!(retry_after(now, lease), Duration::from_secs(1));
+    }
+}
