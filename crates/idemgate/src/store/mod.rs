@@ -30,7 +30,7 @@
 mod memory;
 mod watch;
 
-// pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use watch::{Watch, WatchHub};
 
 use std::time::Duration;
