@@ -1,0 +1,356 @@
+//! Opening the store: configuration, the epoch bump, and the lapse pass that runs before the
+//! first request is served.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use idemgate::record::{Completed, Holder, Outcome, Record, RecordId, Timestamp};
+use idemgate::store::WatchHub;
+use redb::{Database, DatabaseError, Durability, ReadableTable};
+
+use crate::capacity::Capacity;
+use crate::store::EmbeddedStore;
+use crate::tables::{
+    META, META_EPOCH, META_SCHEMA, SCHEMA_VERSION, Stored, WriteTables, read_record,
+};
+use crate::writer::{Counters, Writer, WriterConfig};
+
+/// Why [`EmbeddedStore::open`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// Another store (in this process or another) has the file open. The embedded store serves
+    /// one process; use the Redis or PostgreSQL store for more than one instance.
+    #[error(
+        "embedded store {path:?} is already open (locked by another process, or by another store \
+         in this one); the embedded store serves a single process: use the Redis or PostgreSQL \
+         store to run more than one instance"
+    )]
+    AlreadyOpen {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not a database this build can use (another program's file, a newer layout,
+    /// damage that repair could not fix).
+    #[error("embedded store {path:?} is unusable: {detail}")]
+    Incompatible {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Reading or writing the file failed.
+    #[error("embedded store {path:?}: {detail}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// What happened while the store was opened, for startup logs and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenReport {
+    /// This process's instance epoch (the holder of every lease it writes).
+    pub epoch: u64,
+    /// In-flight records of earlier epochs that became outcome-unknown.
+    pub converted_leases: u64,
+    /// Whether redb had to repair the file (it was not closed cleanly and quick repair did not
+    /// apply).
+    pub repaired: bool,
+    /// How long opening took, from the call to ready to serve.
+    pub duration: Duration,
+}
+
+/// Configures and opens an [`EmbeddedStore`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct EmbeddedStoreBuilder {
+    path: PathBuf,
+    lapsed_retention: Duration,
+    min_free_bytes: u64,
+    max_file_bytes: Option<u64>,
+    max_batch: usize,
+    purge_interval: Duration,
+    purge_batch: usize,
+    cache_bytes: usize,
+    quick_repair: bool,
+}
+
+/// Records converted per transaction by the lapse pass at open.
+const CONVERT_CHUNK: usize = 4096;
+
+impl EmbeddedStoreBuilder {
+    /// A builder for the file at `path` (created, with its parent folders, if missing).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        EmbeddedStoreBuilder {
+            path: path.into(),
+            lapsed_retention: Duration::from_secs(24 * 3600),
+            min_free_bytes: 256 * 1024 * 1024,
+            max_file_bytes: None,
+            max_batch: 1024,
+            purge_interval: Duration::from_secs(30),
+            purge_batch: 1000,
+            cache_bytes: 64 * 1024 * 1024,
+            quick_repair: true,
+        }
+    }
+
+    /// How long the outcome-unknown placeholder of a lease whose process died is kept (default
+    /// 24 h, the default route TTL). The route's own TTL is not known at open.
+    pub fn lapsed_retention(mut self, d: Duration) -> Self {
+        self.lapsed_retention = d;
+        self
+    }
+
+    /// `acquire` of a new record answers `Full` while the file's filesystem has less than this
+    /// available (default 256 MiB; 0 turns the check off). Checked about once a second.
+    pub fn min_free_bytes(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
+        self
+    }
+
+    /// `acquire` of a new record answers `Full` while the file is at least this large (default:
+    /// no limit). The file does not shrink when records are purged; freed pages are reused.
+    pub fn max_file_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.max_file_bytes = bytes;
+        self
+    }
+
+    /// The most operations one group commit applies (default 1024; at least 1).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n.max(1);
+        self
+    }
+
+    /// How often the background purge of expired records runs (default 30 s; at least 10 ms).
+    pub fn purge_interval(mut self, d: Duration) -> Self {
+        self.purge_interval = d.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Records purged per transaction (default 1000; at least 1), so a large backlog never
+    /// holds up requests for long.
+    pub fn purge_batch(mut self, n: usize) -> Self {
+        self.purge_batch = n.max(1);
+        self
+    }
+
+    /// redb's page cache (default 64 MiB).
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Whether commits record the allocator state so that an open after a crash skips the full
+    /// repair scan (default on). Off makes commits a little cheaper and a crash-restart slower
+    /// in proportion to the file size.
+    pub fn quick_repair(mut self, on: bool) -> Self {
+        self.quick_repair = on;
+        self
+    }
+
+    /// The file this builder opens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the file, takes a new instance epoch, turns the leases of earlier epochs into
+    /// outcome-unknown records and starts the writer thread.
+    ///
+    /// This blocks (file I/O, possibly repair): in async code call it at startup or from
+    /// `spawn_blocking`.
+    pub fn open(self) -> Result<EmbeddedStore, OpenError> {
+        let started = Instant::now();
+        let path = self.path.clone();
+        let io = |detail: String| OpenError::Io {
+            path: path.clone(),
+            detail,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| io(format!("creating {parent:?}: {e}")))?;
+        }
+
+        let repaired = Arc::new(AtomicBool::new(false));
+        let flag = repaired.clone();
+        let db = redb::Builder::new()
+            .set_cache_size(self.cache_bytes)
+            .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
+            .create(&path)
+            .map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => OpenError::AlreadyOpen { path: path.clone() },
+                DatabaseError::Storage(redb::StorageError::Io(e)) => io(e.to_string()),
+                other => OpenError::Incompatible {
+                    path: path.clone(),
+                    detail: other.to_string(),
+                },
+            })?;
+
+        let epoch = self.bump_epoch(&db)?;
+        let converted = self.convert_lapsed(&db, epoch)?;
+
+        let counters = Arc::new(Counters::default());
+        let hub = WatchHub::new();
+        let report = OpenReport {
+            epoch: epoch.0,
+            converted_leases: converted,
+            repaired: repaired.load(Ordering::Relaxed),
+            duration: started.elapsed(),
+        };
+        if converted > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                converted,
+                "embedded store: requests that were in flight when the previous process stopped are now outcome-unknown"
+            );
+        }
+        tracing::info!(
+            path = %path.display(),
+            epoch = report.epoch,
+            repaired = report.repaired,
+            open_ms = report.duration.as_millis() as u64,
+            "embedded store open (serves this process only: use Redis or PostgreSQL for more than one instance)"
+        );
+        let writer = Writer {
+            db,
+            epoch,
+            hub: hub.clone(),
+            capacity: Capacity::new(path.clone(), self.min_free_bytes, self.max_file_bytes),
+            counters: counters.clone(),
+            config: WriterConfig {
+                max_batch: self.max_batch,
+                purge_interval: self.purge_interval,
+                purge_batch: self.purge_batch,
+                quick_repair: self.quick_repair,
+            },
+        };
+        EmbeddedStore::start(writer, hub, counters, report, path.clone())
+            .map_err(|e| io(format!("starting the writer thread: {e}")))
+    }
+
+    /// Reads, checks and increments the instance epoch (creating the tables of a new file).
+    fn bump_epoch(&self, db: &Database) -> Result<Holder, OpenError> {
+        let fail = |e: redb::Error| self.redb_error(e);
+        let mut txn = db.begin_write().map_err(|e| fail(e.into()))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| self.incompatible(e.to_string()))?;
+        txn.set_quick_repair(self.quick_repair);
+        let epoch = {
+            let mut meta = txn.open_table(META).map_err(|e| fail(e.into()))?;
+            // Creating the record tables here means read transactions never meet a missing table.
+            WriteTables::open(&txn).map_err(|e| fail(e.into()))?;
+            let schema = meta
+                .get(META_SCHEMA)
+                .map_err(|e| fail(e.into()))?
+                .map(|v| v.value());
+            match schema {
+                None => {
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                        .map_err(|e| fail(e.into()))?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(v) => {
+                    return Err(self.incompatible(format!(
+                        "table layout version {v}, this build uses {SCHEMA_VERSION}"
+                    )));
+                }
+            }
+            let previous = meta
+                .get(META_EPOCH)
+                .map_err(|e| fail(e.into()))?
+                .map_or(0, |v| v.value());
+            // Epoch 0 is never live (placeholders made at open stand for it).
+            let epoch = previous.wrapping_add(1).max(1);
+            meta.insert(META_EPOCH, epoch).map_err(|e| fail(e.into()))?;
+            epoch
+        };
+        txn.commit().map_err(|e| fail(e.into()))?;
+        Ok(Holder(epoch))
+    }
+
+    /// Turns every InFlight record of an earlier epoch into Completed(outcome-unknown), in
+    /// chunks, through the in-flight index (so the cost follows the number of records that were
+    /// in flight, not the file size).
+    fn convert_lapsed(&self, db: &Database, epoch: Holder) -> Result<u64, OpenError> {
+        let fail = |e: redb::Error| self.redb_error(e);
+        let mut converted = 0u64;
+        loop {
+            let now = Timestamp::now();
+            let mut txn = db.begin_write().map_err(|e| fail(e.into()))?;
+            txn.set_quick_repair(self.quick_repair);
+            let mut done = 0usize;
+            {
+                let mut t = WriteTables::open(&txn).map_err(|e| fail(e.into()))?;
+                let ids: Vec<[u8; 32]> = t
+                    .inflight
+                    .iter()
+                    .map_err(|e| fail(e.into()))?
+                    .filter_map(|e| match e {
+                        Ok((k, v)) if v.value() != epoch.0 => Some(Ok(*k.value())),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .take(CONVERT_CHUNK)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| fail(e.into()))?;
+                for raw in ids {
+                    done += 1;
+                    let id = RecordId(raw);
+                    match read_record(&t.records, &id).map_err(|e| fail(e.into()))? {
+                        Stored::Record(Record::InFlight(f)) if f.holder == epoch => {
+                            // The index disagrees with the record; the record is the truth.
+                            t.inflight
+                                .insert(&raw, epoch.0)
+                                .map_err(|e| fail(e.into()))?;
+                        }
+                        Stored::Record(old @ Record::InFlight(_)) => {
+                            let Record::InFlight(f) = &old else { continue };
+                            let new = Record::Completed(Completed {
+                                fingerprint: f.fingerprint,
+                                outcome: Outcome::outcome_unknown(),
+                                expires_at: now.after(self.lapsed_retention),
+                                origin_token: f.token,
+                            });
+                            t.put(&id, Some(&old), &new).map_err(|e| fail(e.into()))?;
+                            t.lapsed.insert(&raw, epoch.0).map_err(|e| fail(e.into()))?;
+                            converted += 1;
+                        }
+                        // A stale index entry, or an unreadable record (which stays as it is and
+                        // answers `Corrupt`): only the entry goes.
+                        _ => {
+                            t.inflight.remove(&raw).map_err(|e| fail(e.into()))?;
+                        }
+                    }
+                }
+            }
+            if done == 0 {
+                txn.abort().map_err(|e| fail(e.into()))?;
+                return Ok(converted);
+            }
+            txn.commit().map_err(|e| fail(e.into()))?;
+            if done < CONVERT_CHUNK {
+                return Ok(converted);
+            }
+        }
+    }
+
+    fn incompatible(&self, detail: String) -> OpenError {
+        OpenError::Incompatible {
+            path: self.path.clone(),
+            detail,
+        }
+    }
+
+    fn redb_error(&self, e: redb::Error) -> OpenError {
+        match e {
+            redb::Error::Io(e) => OpenError::Io {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            },
+            other => self.incompatible(other.to_string()),
+        }
+    }
+}

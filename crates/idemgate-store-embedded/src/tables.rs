@@ -1,0 +1,152 @@
+//! The file's tables and the few record-level helpers every operation shares.
+
+use idemgate::record::{Record, RecordId, Timestamp};
+use idemgate::store::StoreError;
+use redb::{ReadableTable, Table, TableDefinition};
+
+/// `record_id → Record::encode()`. Values are whole encoded records, so a value that does not
+/// decode is reported as [`StoreError::Corrupt`], never as absent.
+pub(crate) const RECORDS: TableDefinition<'static, &[u8; 32], &[u8]> =
+    TableDefinition::new("records");
+
+/// `expires_at (u64 big-endian) ‖ record_id → ()`, one entry per Completed record, so purging
+/// is a range scan from the start up to `now` instead of a walk over every record. Big-endian
+/// makes byte order the numeric order.
+pub(crate) const EXPIRY: TableDefinition<'static, &[u8; 40], ()> = TableDefinition::new("expiry");
+
+/// `record_id → holder epoch`, one entry per InFlight record, so the pass that turns the leases
+/// of a dead process into outcome-unknown at open costs time in proportion to the records that
+/// were in flight, not to every record kept for replay.
+pub(crate) const INFLIGHT: TableDefinition<'static, &[u8; 32], u64> =
+    TableDefinition::new("inflight");
+
+/// `record_id → epoch of the open that converted it`: the outcome-unknown placeholders that the
+/// open made from the leases of a dead process. The route's `on_lease_expiry` was not known
+/// then, so an `acquire` with [`LeaseExpiry::ReExecute`](idemgate::store::LeaseExpiry) still
+/// treats such a placeholder as the lapsed lease it stands for. Any later write of the record
+/// drops its entry.
+pub(crate) const LAPSED: TableDefinition<'static, &[u8; 32], u64> = TableDefinition::new("lapsed");
+
+/// Small named counters: the instance epoch and the schema version.
+pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+
+/// Key of the instance epoch in [`META`].
+pub(crate) const META_EPOCH: &str = "epoch";
+/// Key of the schema version in [`META`].
+pub(crate) const META_SCHEMA: &str = "schema";
+/// The table layout this build writes.
+pub(crate) const SCHEMA_VERSION: u64 = 1;
+
+/// The expiry-index key of a Completed record.
+pub(crate) fn expiry_key(expires_at: Timestamp, id: &RecordId) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&expires_at.0.to_be_bytes());
+    k[8..].copy_from_slice(&id.0);
+    k
+}
+
+/// Splits an expiry-index key.
+pub(crate) fn split_expiry_key(k: &[u8; 40]) -> (Timestamp, RecordId) {
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&k[..8]);
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&k[8..]);
+    (Timestamp(u64::from_be_bytes(ts)), RecordId(id))
+}
+
+/// What is stored under an id: nothing, a record, or bytes this build cannot read.
+pub(crate) enum Stored {
+    Absent,
+    Record(Record),
+    Unreadable(String),
+}
+
+impl Stored {
+    /// The record, or `Corrupt` for unreadable bytes: the rule for every decision.
+    pub(crate) fn readable(self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        match self {
+            Stored::Absent => Ok(None),
+            Stored::Record(r) => Ok(Some(r)),
+            Stored::Unreadable(e) => Err(StoreError::Corrupt(format!("record {id}: {e}"))),
+        }
+    }
+}
+
+/// Reads the record under `id` from any readable table of [`RECORDS`].
+pub(crate) fn read_record(
+    table: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    id: &RecordId,
+) -> Result<Stored, redb::StorageError> {
+    Ok(match table.get(&id.0)? {
+        None => Stored::Absent,
+        Some(v) => match Record::decode(v.value()) {
+            Ok(r) => Stored::Record(r),
+            Err(e) => Stored::Unreadable(e.0),
+        },
+    })
+}
+
+/// The tables a record write touches, opened once per write transaction.
+pub(crate) struct WriteTables<'txn> {
+    pub(crate) records: Table<'txn, &'static [u8; 32], &'static [u8]>,
+    pub(crate) expiry: Table<'txn, &'static [u8; 40], ()>,
+    pub(crate) inflight: Table<'txn, &'static [u8; 32], u64>,
+    pub(crate) lapsed: Table<'txn, &'static [u8; 32], u64>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    /// Opens (creating when new) the tables in `txn`.
+    pub(crate) fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, redb::TableError> {
+        Ok(WriteTables {
+            records: txn.open_table(RECORDS)?,
+            expiry: txn.open_table(EXPIRY)?,
+            inflight: txn.open_table(INFLIGHT)?,
+            lapsed: txn.open_table(LAPSED)?,
+        })
+    }
+
+    /// Replaces whatever is under `id` (`old`, as read in this transaction) with `new`, keeping
+    /// the expiry index in step: the old Completed record's entry goes, the new one's comes.
+    pub(crate) fn put(
+        &mut self,
+        id: &RecordId,
+        old: Option<&Record>,
+        new: &Record,
+    ) -> Result<(), redb::StorageError> {
+        self.unindex(id, old)?;
+        self.lapsed.remove(&id.0)?;
+        self.records.insert(&id.0, new.encode().as_slice())?;
+        match new {
+            Record::Completed(c) => {
+                self.expiry.insert(&expiry_key(c.expires_at, id), ())?;
+                self.inflight.remove(&id.0)?;
+            }
+            Record::InFlight(f) => {
+                self.inflight.insert(&id.0, f.holder.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the record under `id` (`old`, as read in this transaction, `None` when it was
+    /// unreadable) and its index entry.
+    pub(crate) fn remove(
+        &mut self,
+        id: &RecordId,
+        old: Option<&Record>,
+    ) -> Result<(), redb::StorageError> {
+        self.unindex(id, old)?;
+        self.records.remove(&id.0)?;
+        // Unconditional: an unreadable record (force-deleted) may have had entries.
+        self.inflight.remove(&id.0)?;
+        self.lapsed.remove(&id.0)?;
+        Ok(())
+    }
+
+    fn unindex(&mut self, id: &RecordId, old: Option<&Record>) -> Result<(), redb::StorageError> {
+        if let Some(Record::Completed(c)) = old {
+            self.expiry.remove(&expiry_key(c.expires_at, id))?;
+        }
+        Ok(())
+    }
+}

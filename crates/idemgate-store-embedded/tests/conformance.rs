@@ -1,0 +1,86 @@
+//! The shared store conformance suite against the embedded store. `lapse_leases` is a real
+//! restart: the file is closed and opened again, which starts a new instance epoch.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idemgate::record::RecordId;
+use idemgate_store_embedded::{EmbeddedStore, EmbeddedStoreBuilder};
+use idemgate_store_tests::{Harness, async_trait};
+
+/// One temp folder per test; each `fresh`/`tiny` store gets its own file in it.
+struct EmbeddedHarness {
+    dir: tempfile::TempDir,
+    files: AtomicUsize,
+}
+
+impl EmbeddedHarness {
+    fn new() -> Self {
+        EmbeddedHarness {
+            dir: tempfile::tempdir().expect("temp dir"),
+            files: AtomicUsize::new(0),
+        }
+    }
+
+    fn next_path(&self) -> PathBuf {
+        let n = self.files.fetch_add(1, Ordering::Relaxed);
+        self.dir.path().join(format!("store-{n}.redb"))
+    }
+
+    /// The settings every (re)open of a normal store uses. The suite's requests keep records
+    /// for 1 h, and it checks that a lapsed lease's placeholder is kept for that long; a lease
+    /// that lapses by a restart is converted at open, before any request names a retention, so
+    /// the store's configured retention for those is set to the same hour.
+    fn builder(path: PathBuf) -> EmbeddedStoreBuilder {
+        EmbeddedStore::builder(path).lapsed_retention(Duration::from_secs(3600))
+    }
+}
+
+#[async_trait]
+impl Harness for EmbeddedHarness {
+    type Store = EmbeddedStore;
+
+    async fn fresh(&self) -> EmbeddedStore {
+        Self::builder(self.next_path())
+            .open()
+            .expect("open a fresh embedded store")
+    }
+
+    async fn lapse_leases(&self, store: EmbeddedStore, _lease: Duration) -> EmbeddedStore {
+        let path = store.path().to_path_buf();
+        let epoch = store.open_report().epoch;
+        store.close().await;
+        let store = Self::builder(path)
+            .open()
+            .expect("reopen the embedded store");
+        assert_eq!(
+            store.open_report().epoch,
+            epoch + 1,
+            "a reopen starts a new epoch"
+        );
+        store
+    }
+
+    async fn corrupt(&self, store: &EmbeddedStore, id: &RecordId) {
+        store
+            .write_raw_for_tests(id, b"\x7fnot a record".to_vec())
+            .await
+            .expect("write garbage");
+    }
+
+    async fn tiny(&self) -> EmbeddedStore {
+        Self::builder(self.next_path())
+            .max_file_bytes(Some(256 * 1024))
+            .open()
+            .expect("open a tiny embedded store")
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+}
+
+idemgate_store_tests::conformance_tests!(EmbeddedHarness::new());
