@@ -10,5 +10,5 @@ pub mod record;
 pub mod scope;
 pub mod store;
 
-pub use layer::{Idempotency, IdempotencyLayer, IdempotencyLayerBuilder, OutcomeHint};
+pub use layer::{AttemptInfo, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder, OutcomeHint};
 pub use policy::{Concurrency, Policy};

@@ -140,6 +140,7 @@ async fn finish(shared: &Arc<Shared>, id: RecordId, token: Token, op: FinishOp) 
     let store_op = match op {
         FinishOp::Complete { .. } => StoreOp::Complete,
         FinishOp::Release => StoreOp::Release,
+        FinishOp::Nothing => return,
     };
     let result = with_tries(shared, store_op, || async {
         match &op {
@@ -153,6 +154,7 @@ async fn finish(shared: &Arc<Shared>, id: RecordId, token: Token, op: FinishOp) 
                 .release(&id, token)
                 .await
                 .map(|r| r == Release::Released),
+            FinishOp::Nothing => Ok(true),
         }
     })
     .await;
@@ -223,6 +225,13 @@ where
             return Driven {
                 op: FinishOp::Release,
                 outcome: RequestOutcome::Released,
+                after: AfterFinish::Respond(respond, response.map(ResponseBody::inner)),
+            };
+        }
+        Some(OutcomeHint::Settled) => {
+            return Driven {
+                op: FinishOp::Nothing,
+                outcome: RequestOutcome::Executed,
                 after: AfterFinish::Respond(respond, response.map(ResponseBody::inner)),
             };
         }

@@ -17,8 +17,13 @@ use crate::store::{Completion, Release, Store, StoreError};
 /// What still has to reach the store.
 #[derive(Clone, Debug)]
 pub(crate) enum FinishOp {
-    Complete { outcome: Outcome, ttl: Duration },
+    Complete {
+        outcome: Outcome,
+        ttl: Duration,
+    },
     Release,
+    /// The inner service settled the record itself.
+    Nothing,
 }
 
 /// Bounded background retries of finishing operations.
@@ -122,5 +127,6 @@ pub(crate) async fn apply(
             Completion::Stored
         )),
         FinishOp::Release => Ok(matches!(store.release(id, token).await?, Release::Released)),
+        FinishOp::Nothing => Ok(true),
     }
 }

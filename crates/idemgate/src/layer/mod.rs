@@ -71,4 +71,21 @@ pub enum OutcomeHint {
     /// is unknown. The response (a 502 or 504 problem) is what retries get, unless the route's
     /// `ambiguous` policy releases the key.
     NoResponse,
+    /// The inner service already settled the record itself, inside its own transaction (the
+    /// PostgreSQL transactional mode), or must leave it alone (its lease was lost, or its commit's
+    /// result is unknown): the layer neither completes nor releases it.
+    Settled,
+}
+
+/// The attempt a protected request executes under, in the request's extensions, for inner
+/// services that settle the record themselves (the PostgreSQL transactional mode) or derive a
+/// downstream idempotency key from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttemptInfo {
+    /// The record.
+    pub record_id: crate::record::RecordId,
+    /// This attempt's token: only it may complete the record.
+    pub token: crate::record::Token,
+    /// The retention the layer would give the outcome.
+    pub ttl: std::time::Duration,
 }

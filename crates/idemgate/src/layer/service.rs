@@ -602,6 +602,12 @@ where
 {
     let (respond, response) = oneshot::channel();
     let client_deadline = policy.client_deadline;
+    let mut parts = parts;
+    parts.extensions.insert(super::AttemptInfo {
+        record_id: acquire.id,
+        token: acquire.token,
+        ttl: policy.ttl,
+    });
     // The work belongs to idemgate from here: it goes on if the client vanishes.
     tokio::spawn(attempt::run(Attempt {
         shared,
