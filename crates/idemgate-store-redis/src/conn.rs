@@ -1,0 +1,218 @@
+//! Connections: a [`ConnectionManager`] for standalone Redis, a cluster connection for Cluster.
+//! Both multiplex: concurrent operations share one socket per node and its round trips.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisError, Value};
+
+/// Where the store connects, parsed from a spec string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// `redis://…` or `rediss://…`, passed to the client as it is.
+    Single(String),
+    /// `redis+cluster://h:p,h:p` (or `rediss+cluster://`): one `redis://` URL per seed node.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    pub(crate) fn parse(spec: &str) -> Result<Self, String> {
+        let cluster = |rest: &str, scheme: &str| -> Result<Self, String> {
+            let (userinfo, hosts) = match rest.rsplit_once('@') {
+                Some((u, h)) => (format!("{u}@"), h),
+                None => (String::new(), rest),
+            };
+            let hosts = hosts.split(['/', '?']).next().unwrap_or_default();
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("{scheme}://{userinfo}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(format!("no cluster nodes in `{spec}`"));
+            }
+            Ok(Target::Cluster(nodes))
+        };
+        if let Some(rest) = spec.strip_prefix("redis+cluster://") {
+            cluster(rest, "redis")
+        } else if let Some(rest) = spec.strip_prefix("rediss+cluster://") {
+            cluster(rest, "rediss")
+        } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+            Ok(Target::Single(spec.to_owned()))
+        } else {
+            Err(format!(
+                "unsupported Redis spec `{spec}`: use redis://, rediss:// or redis+cluster://h:p,h:p"
+            ))
+        }
+    }
+}
+
+/// A multiplexed connection of either kind.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Timeouts and push delivery for [`Conn::open`].
+pub(crate) struct ConnOptions<F> {
+    pub(crate) timeout: Duration,
+    /// Set for the wait-mode subscriber: RESP3 and a push sink.
+    pub(crate) push: Option<F>,
+}
+
+impl Conn {
+    pub(crate) async fn open<F>(target: &Target, opts: ConnOptions<F>) -> Result<Self, RedisError>
+    where
+        F: Fn(PushInfo) + Send + Sync + 'static,
+    {
+        match target {
+            Target::Single(url) => {
+                let mut info = url.as_str().into_connection_info()?;
+                if opts.push.is_some() {
+                    let settings = info
+                        .redis_settings()
+                        .clone()
+                        .set_protocol(ProtocolVersion::RESP3);
+                    info = info.set_redis_settings(settings);
+                }
+                let client = Client::open(info)?;
+                // One quick reconnect attempt: a server that refuses connections must turn into
+                // `Unavailable` within the operation's timeout, not after a long backoff. The
+                // next operation tries again.
+                let mut config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(opts.timeout))
+                    .set_response_timeout(Some(opts.timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(200));
+                if let Some(push) = opts.push {
+                    config = config.set_push_sender(move |info: PushInfo| {
+                        push(info);
+                        Ok::<(), redis::aio::SendError>(())
+                    });
+                }
+                Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
+                    client, config,
+                )?))
+            }
+            Target::Cluster(nodes) => {
+                let mut builder = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(opts.timeout)
+                    .response_timeout(opts.timeout)
+                    .retries(2)
+                    .min_retry_wait(20)
+                    .max_retry_wait(200);
+                if let Some(push) = opts.push {
+                    builder = builder.use_protocol(ProtocolVersion::RESP3).push_sender(
+                        move |info: PushInfo| {
+                            push(info);
+                            Ok::<(), redis::aio::SendError>(())
+                        },
+                    );
+                }
+                let client = builder.build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, RedisError> {
+        match self {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+    }
+
+    pub(crate) async fn command(&self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
+        match self {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    /// Runs `cmd` on every master (Cluster) or the server (standalone).
+    pub(crate) async fn on_all_masters(&self, cmd: redis::Cmd) -> Result<Value, RedisError> {
+        match self {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                c.clone()
+                    .route_command(
+                        cmd,
+                        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// `SUBSCRIBE` (standalone) or `SSUBSCRIBE` (Cluster, routed to the channel's slot); returns
+    /// once the server confirmed.
+    pub(crate) async fn subscribe(&self, channels: &[String]) -> Result<(), RedisError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Conn::Single(c) => c.clone().subscribe(channels).await,
+            Conn::Cluster(c) => {
+                // Sharded channels of different slots cannot share one SSUBSCRIBE.
+                for ch in channels {
+                    c.clone().ssubscribe(ch).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) async fn unsubscribe(&self, channels: &[String]) -> Result<(), RedisError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Conn::Single(c) => c.clone().unsubscribe(channels).await,
+            Conn::Cluster(c) => {
+                for ch in channels {
+                    c.clone().sunsubscribe(ch).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            Target::parse("redis://127.0.0.1:7000/2"),
+            Ok(Target::Single("redis://127.0.0.1:7000/2".into()))
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://a:1,b:2"),
+            Ok(Target::Cluster(vec![
+                "redis://a:1".into(),
+                "redis://b:2".into()
+            ]))
+        );
+        assert_eq!(
+            Target::parse("rediss+cluster://u:p@a:1,b:2/"),
+            Ok(Target::Cluster(vec![
+                "rediss://u:p@a:1".into(),
+                "rediss://u:p@b:2".into()
+            ]))
+        );
+        assert!(Target::parse("redis+cluster://").is_err());
+        assert!(Target::parse("http://x").is_err());
+    }
+}
