@@ -1,1 +1,106 @@
-//! The postgres store. STUB: to be implemented.
+//! The PostgreSQL backend of idemgate's store contract (SPEC §4).
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use idemgate_store_postgres::PostgresStore;
+//! let store = PostgresStore::connect("postgres://idemgate@db.internal/app").await?;
+//! # let _ = store; Ok(()) }
+//! ```
+//!
+//! # Design
+//!
+//! - **One table** (default `idemgate_records`) keyed by the record id (`bytea`), with columns
+//!   `state` (1 in flight, 2 completed), `fingerprint`, `token`, `lease_expires_at`, `holder`,
+//!   `origin_token`, `outcome` ([`Outcome::encode`](idemgate::record::Outcome::encode) bytes),
+//!   `outcome_unknown` and `expires_at` (indexed). The schema is created at connect under an
+//!   advisory lock, so several instances may start at once; its version is kept in
+//!   `<table>_schema`. No database is needed to build: statements are plain `sqlx::query`.
+//! - **One statement per operation**, judged by the database clock (`statement_timestamp()`):
+//!   `acquire` is one `INSERT … ON CONFLICT … DO UPDATE … WHERE …` that also reads the snapshot
+//!   row, implementing `decide_acquire`'s table (a lapsed lease becomes the outcome-unknown
+//!   placeholder, or a fresh attempt under `re-execute`; a Completed record past `expires_at`
+//!   is replaced). When a concurrent writer changes the row between the statement's snapshot
+//!   and its write, the statement returns no answer and is run again (bounded). `renew`,
+//!   `complete` (fenced as `may_complete`) and `release` are one statement each.
+//! - Every operation is idempotent for its token; connection failures (e.g. pooled
+//!   connections to a restarted server) are retried on another connection within the
+//!   operation's deadline.
+//! - A row that cannot be decoded (unknown state, bad lengths, outcome bytes of an unknown
+//!   format) is [`StoreError::Corrupt`](idemgate::store::StoreError::Corrupt), never absent and
+//!   never `Acquired`. Statements check in SQL what they can (state, lengths, the outcome's
+//!   format-version byte) and never overwrite a row that fails; only a forced `delete` clears
+//!   it. (An outcome with a valid version byte but a garbled body can still be replaced by the
+//!   `complete` of its own origin token; every read of it is `Corrupt`.)
+//! - `complete` on an absent record answers `Stored` and writes nothing: the key is owned by
+//!   nobody and the statement has no fingerprint to write a record with.
+//!
+//! # Retention and the reaper
+//!
+//! Completed rows are kept until `expires_at`. In-flight rows also carry an `expires_at`:
+//! the lease end plus the route's retention, moved along by `renew`. A row past `expires_at`
+//! is deleted by the reaper: expired outcomes, and in-flight rows whose holder died and that
+//! no retry turned into an outcome-unknown placeholder within the retention window.
+//!
+//! The reaper runs every 60 s (configurable) in each instance, deleting batches of 1000 rows
+//! (`… ORDER BY expires_at LIMIT n FOR UPDATE SKIP LOCKED`), each batch one short transaction
+//! under `pg_try_advisory_xact_lock`, so one instance reaps at a time and the others skip.
+//! [`Store::purge_expired`](idemgate::store::Store::purge_expired) waits for the lock instead.
+//!
+//! # Wait mode
+//!
+//! `complete`, `release`, `delete` and `resolve` send `pg_notify('idemgate', <hex id>)` in the
+//! same statement (delivered at commit). Each store has **one** LISTEN connection, opened
+//! before `connect` returns, feeding an in-process [`WatchHub`](idemgate::store::WatchHub);
+//! waiters hold no connection. After the LISTEN connection is lost and re-established every
+//! waiter is woken to re-read its record.
+//!
+//! # Failure behaviour
+//!
+//! - Waiting for a pooled connection is bounded (`acquire_timeout`, default 1 s) →
+//!   `Unavailable`. Each connection has a server-side `statement_timeout` (default 5 s) →
+//!   `Timeout { maybe_applied: false }` (the server rolled back), and each operation a
+//!   client-side deadline of `acquire_timeout + statement_timeout + 0.5 s` →
+//!   `Timeout { maybe_applied: true }`. A connection lost after the statement was sent is
+//!   `Timeout { maybe_applied: true }`. Nothing hangs.
+//! - Capacity: optional [`max_rows`](PostgresStoreBuilder::max_rows), counted every 5 s (up
+//!   to the bound): at it, `acquire` answers replays and in-flight duplicates as usual but
+//!   refuses new keys with `Full`. A row count rather than a size on disk, because PostgreSQL
+//!   does not shrink a table's files after deletes, so a size bound would never clear. A
+//!   database whose disk is full (SQLSTATE 53100) is `Full` too. Live records are never
+//!   evicted.
+//!
+//! # Transactional mode (building block)
+//!
+//! [`PostgresStore::complete_in`] runs the completion statement on a connection the caller
+//! owns, e.g. inside the application's transaction, so the outcome commits (or rolls back)
+//! with the application's own writes; [`PostgresStore::table`] names the table for SQL of
+//! one's own. Use `on_lease_expiry = re-execute` with it: an attempt whose transaction rolled
+//! back left nothing behind.
+//!
+//! # PgBouncer
+//!
+//! - **Session pooling** works as a direct connection.
+//! - **Transaction pooling** breaks what is session-scoped: `LISTEN` (notifications go to
+//!   whichever server connection ran it) and session advisory locks (this store only uses
+//!   transaction-scoped ones, `pg_advisory_xact_lock`, which work). Deploy with:
+//!   - [`listen_url`](PostgresStoreBuilder::listen_url) pointing straight at PostgreSQL (or a
+//!     session-pooling PgBouncer port) for the one LISTEN connection per instance, or
+//!     [`listen(false)`](PostgresStoreBuilder::listen) to give up wake-ups (waiters then
+//!     re-check at the lease's end);
+//!   - PgBouncer ≥ 1.21 with `max_prepared_statements` > 0, or
+//!     [`statement_cache_capacity(Some(0))`](PostgresStoreBuilder::statement_cache_capacity);
+//!   - either `ignore_startup_parameters = options` in PgBouncer with
+//!     [`server_side_timeout(false)`](PostgresStoreBuilder::server_side_timeout) and
+//!     `ALTER ROLE … SET statement_timeout` on the server, or a PgBouncer that forwards
+//!     `options`;
+//!   - migrations run in one transaction under a transaction-scoped advisory lock, so they
+//!     work through transaction pooling as well.
+//! - **Statement pooling** cannot run the migrations' transaction: run one instance (or a
+//!   migration job) directly against PostgreSQL first and set
+//!   [`migrate(false)`](PostgresStoreBuilder::migrate) behind it.
+
+mod listener;
+mod sql;
+mod store;
+
+pub use store::{BuildError, PostgresStore, PostgresStoreBuilder};
