@@ -13,7 +13,7 @@
 //! | `r` | retention (ms) for a placeholder, and for the key's TTL beyond the lease | — |
 //! | `o` | — | [`Outcome::encode`](idemgate::record::Outcome::encode) bytes |
 //! | `x` | — | `expires_at`, ms |
-//! | `u` | — | `1` for an outcome-unknown placeholder (what `resolve` and `release` look for) |
+//! | `u` | — | `1` for an outcome-unknown placeholder (what `resolve` looks for) |
 //!
 //! Every script starts with the same `load()` that validates the hash; anything else in the
 //! slot (another type, a missing field, an unknown version) makes the script answer
@@ -143,16 +143,15 @@ return {'S', '1'}
 
 /// ARGV[5..]: token. Answers `{'D', wrote}` or `{'F'}`.
 ///
-/// Deletes InFlight(token), and the outcome-unknown placeholder of this token's own lapsed lease
-/// (the attempt learned it was not processed: that replaces the placeholder as a real outcome
-/// would). A real outcome this token completed is kept (`F`).
+/// Deletes InFlight(token) only. A Completed record is never released, not even the
+/// outcome-unknown placeholder of this token's own lapsed lease: a duplicate may already have
+/// been told that the outcome is unknown, and a fresh execution would contradict it.
 const RELEASE: &str = r#"
 local tok = ARGV[5]
 local r, err = load()
 if err then return {'E', err} end
 if not r then return {'D', '0'} end
-if r.tok ~= tok then return {'F'} end
-if r.s == 'i' or r.u == '1' then
+if r.s == 'i' and r.tok == tok then
   redis.call('DEL', key)
   publish('r')
   return {'D', '1'}

@@ -194,15 +194,41 @@ impl std::fmt::Debug for RedisCluster {
     }
 }
 
-impl RedisCluster {
-    /// Starts `masters` nodes (at least 3, as `redis-cli --cluster create` requires), assigns
-    /// all slots and waits until every node reports `cluster_state:ok`.
-    pub fn start(masters: usize) -> Self {
-        assert!(masters >= 3, "a Redis Cluster needs at least 3 masters");
+/// Options for [`RedisCluster`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct RedisClusterBuilder {
+    masters: usize,
+    extra: Vec<String>,
+    slots_on_first: bool,
+}
+
+impl RedisClusterBuilder {
+    /// Adds one `redis.conf` line to every node, e.g. `maxmemory 4mb`.
+    pub fn config(mut self, line: impl Into<String>) -> Self {
+        self.extra.push(line.into());
+        self
+    }
+
+    /// Puts all 16384 slots on the first node; the others join the cluster holding none.
+    /// Every key then lives on one node, so capacity tests fill one node deterministically
+    /// while the client still speaks the Cluster protocol.
+    pub fn all_slots_on_first_node(mut self) -> Self {
+        self.slots_on_first = true;
+        self
+    }
+
+    /// Starts the nodes, assigns the slots and waits until every node reports
+    /// `cluster_state:ok`. Panics with a clear message if it cannot.
+    pub fn start(self) -> RedisCluster {
+        assert!(
+            self.masters >= 3,
+            "a Redis Cluster needs at least 3 masters"
+        );
         let bin = find_redis_server();
         let mut last_err = String::new();
         for _ in 0..3 {
-            match Self::try_start(&bin, masters) {
+            match self.try_start(&bin) {
                 Ok(cluster) => return cluster,
                 Err(e) => last_err = e,
             }
@@ -210,9 +236,9 @@ impl RedisCluster {
         panic!("Redis Cluster did not start: {last_err}");
     }
 
-    fn try_start(bin: &Path, masters: usize) -> Result<Self, String> {
-        let mut nodes = Vec::with_capacity(masters);
-        for _ in 0..masters {
+    fn try_start(&self, bin: &Path) -> Result<RedisCluster, String> {
+        let mut nodes = Vec::with_capacity(self.masters);
+        for _ in 0..self.masters {
             let dir = tempfile::Builder::new()
                 .prefix("idemgate-redis-cluster-")
                 .tempdir()
@@ -220,7 +246,7 @@ impl RedisCluster {
             let watchdog = Watchdog::spawn(dir.path());
             // The cluster bus listens on port + 10000: pick ports where both are free.
             let port = free_port(true);
-            let conf = write_conf(dir.path(), port, &[], true);
+            let conf = write_conf(dir.path(), port, &self.extra, true);
             let child = spawn_and_wait(bin, &conf, dir.path(), port)?;
             let mut node = RedisServer {
                 bin: bin.to_path_buf(),
@@ -233,27 +259,45 @@ impl RedisCluster {
             node.adopt(child);
             nodes.push(node);
         }
-        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
-        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
-        args.push("--cluster-yes".into());
-        let out = Command::new("redis-cli")
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "redis-cli --cluster create failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        if self.slots_on_first {
+            let first = nodes[0].port;
+            let out = try_cli(first, &["cluster", "addslotsrange", "0", "16383"])?;
+            if !out.contains("OK") {
+                return Err(format!("CLUSTER ADDSLOTSRANGE: {out}"));
+            }
+            for node in &nodes[1..] {
+                let out = try_cli(
+                    node.port,
+                    &["cluster", "meet", "127.0.0.1", &first.to_string()],
+                )?;
+                if !out.contains("OK") {
+                    return Err(format!("CLUSTER MEET: {out}"));
+                }
+            }
+        } else {
+            let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+            args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+            args.push("--cluster-yes".into());
+            let out = Command::new("redis-cli")
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "redis-cli --cluster create failed: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
         }
         let cluster = RedisCluster { nodes };
+        let known = format!("cluster_known_nodes:{}", self.masters);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let ok = cluster.nodes.iter().all(|n| {
                 let info = try_cli(n.port, &["cluster", "info"]).unwrap_or_default();
-                info.contains("cluster_state:ok")
+                info.contains("cluster_state:ok") && info.contains(&known)
             });
             if ok {
                 return Ok(cluster);
@@ -262,6 +306,23 @@ impl RedisCluster {
                 return Err("cluster_state did not become ok".into());
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts `masters` nodes (at least 3, as `redis-cli --cluster create` requires), spreads
+    /// the slots over them and waits until every node reports `cluster_state:ok`.
+    pub fn start(masters: usize) -> Self {
+        Self::builder(masters).start()
+    }
+
+    /// A builder for `masters` nodes with extra config or another slot layout.
+    pub fn builder(masters: usize) -> RedisClusterBuilder {
+        RedisClusterBuilder {
+            masters,
+            extra: Vec::new(),
+            slots_on_first: false,
         }
     }
 
