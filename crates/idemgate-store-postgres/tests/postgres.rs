@@ -1,0 +1,576 @@
+//! PostgreSQL-specific behaviour: outages, pool exhaustion, statement timeouts, racing
+//! instances, LISTEN/NOTIFY across instances, the reaper, migrations, and the transactional
+//! completion. Each test that stops or kills its server starts its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use idemgate::record::{Fingerprint, Outcome, Record, RecordId, ResponseHead, Token};
+use idemgate::store::{
+    Acquire, AcquireRequest, Completion, LeaseExpiry, Release, Store, StoreError,
+};
+use idemgate_store_postgres::{PostgresStore, PostgresStoreBuilder};
+use idemgate_store_tests::servers::postgres::PostgresServer;
+use tokio::time::Instant;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn new_id() -> RecordId {
+    RecordId(rand_bytes())
+}
+
+fn rand_bytes() -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..16].copy_from_slice(&Token::random().0);
+    out[16..].copy_from_slice(&Token::random().0);
+    out
+}
+
+fn req(id: RecordId, token: Token) -> AcquireRequest {
+    AcquireRequest {
+        id,
+        fingerprint: Fingerprint([1; 32]),
+        token,
+        lease: Duration::from_secs(60),
+        on_lease_expiry: LeaseExpiry::OutcomeUnknown,
+        retention: Duration::from_secs(3600),
+    }
+}
+
+fn outcome(n: u8) -> Outcome {
+    Outcome::Response {
+        head: ResponseHead {
+            status: 201,
+            headers: vec![("x-n".into(), Bytes::from(vec![n]))],
+        },
+        body: Bytes::from(vec![n; 100]),
+    }
+}
+
+const TTL: Duration = Duration::from_secs(3600);
+
+/// A store on `url` with its own table, short timeouts and no background reaper.
+fn builder(url: &str) -> PostgresStoreBuilder {
+    let table = format!("t_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    PostgresStore::builder(url)
+        .channel(table.clone())
+        .table(table)
+        .acquire_timeout(Duration::from_millis(500))
+        .statement_timeout(Duration::from_secs(1))
+        .reaper_interval(None)
+}
+
+fn shared_db() -> String {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| PostgresServer::shared().create_unique_database("pgtests"))
+        .clone()
+}
+
+async fn acquired(s: &PostgresStore, r: AcquireRequest) {
+    match s.acquire(r).await {
+        Ok(Acquire::Acquired { .. }) => {}
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+/// Every operation while the server is down fails within its bound (no panic, no hang), and
+/// after a restart earlier outcomes are intact and the store works again without rebuilding.
+async fn outage(kill: bool) {
+    let mut pg = PostgresServer::start();
+    let url = pg.create_database("outage");
+    let s = builder(&url).connect().await.unwrap();
+    let (id, a) = (new_id(), Token::random());
+    acquired(&s, req(id, a)).await;
+    assert_eq!(
+        s.complete(&id, a, &outcome(1), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    let (live, b) = (new_id(), Token::random());
+    acquired(&s, req(live, b)).await;
+
+    if kill {
+        pg.kill();
+    } else {
+        pg.stop();
+    }
+
+    // acquire_timeout 0.5 s + statement_timeout 1 s + margin: every call ends well within 3 s.
+    let bound = Duration::from_secs(3);
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(bound, s.acquire(req(new_id(), Token::random())))
+        .await
+        .expect("acquire hung while the database was down");
+    assert!(
+        matches!(
+            r,
+            Err(StoreError::Unavailable(_) | StoreError::Timeout { .. })
+        ),
+        "acquire during outage: {r:?}"
+    );
+    let r = tokio::time::timeout(bound, s.complete(&live, b, &outcome(2), TTL))
+        .await
+        .expect("complete hung while the database was down");
+    assert!(
+        r.as_ref().is_err_and(|e| e.is_retryable()),
+        "complete during outage: {r:?}"
+    );
+    let r = tokio::time::timeout(bound, s.get(&id))
+        .await
+        .expect("get hung while the database was down");
+    assert!(r.is_err(), "get during outage: {r:?}");
+    let r = tokio::time::timeout(bound, s.readiness())
+        .await
+        .expect("readiness hung while the database was down");
+    assert!(r.is_err(), "readiness during outage: {r:?}");
+    eprintln!("outage calls took {:?}", t0.elapsed());
+
+    pg.start_again();
+    // The pool still holds connections to the old server: the first operations must get
+    // through anyway (stale connections are retried on fresh ones).
+    match s.get(&id).await.unwrap() {
+        Some(Record::Completed(c)) => {
+            assert_eq!(c.outcome, outcome(1), "the outcome survived the restart");
+            assert_eq!(c.origin_token, a);
+        }
+        other => panic!("after restart: {other:?}"),
+    }
+    // The failed complete is retried with the same token, as the engine would.
+    assert_eq!(
+        s.complete(&live, b, &outcome(2), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    match s.acquire(req(live, Token::random())).await.unwrap() {
+        Acquire::Completed(c) => assert_eq!(c.outcome, outcome(2)),
+        other => panic!("replay after restart: {other:?}"),
+    }
+    acquired(&s, req(new_id(), Token::random())).await;
+    s.readiness().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stopped_mid_use_errors_in_time_and_recovers() {
+    outage(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_use_errors_in_time_and_keeps_committed_outcomes() {
+    outage(true).await;
+}
+
+/// With every pooled connection taken, an operation waits `acquire_timeout` and fails with
+/// `Unavailable`; it works again once a connection is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_exhaustion_is_a_bounded_wait_then_unavailable() {
+    let s = builder(&shared_db())
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let held1 = s.pool().acquire().await.unwrap();
+    let held2 = s.pool().acquire().await.unwrap();
+    let t0 = Instant::now();
+    let r = s.acquire(req(new_id(), Token::random())).await;
+    let took = t0.elapsed();
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "waited {took:?}"
+    );
+    drop((held1, held2));
+    acquired(&s, req(new_id(), Token::random())).await;
+}
+
+/// A statement blocked on a row lock ends at `statement_timeout` with
+/// `Timeout { maybe_applied: false }` (the server rolled it back), not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timeout_is_a_typed_timeout() {
+    let s = builder(&shared_db()).connect().await.unwrap();
+    let (id, a) = (new_id(), Token::random());
+    acquired(&s, req(id, a)).await;
+    let mut tx = s.pool().begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
+        s.table()
+    )))
+    .bind(&id.0[..])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let r = s.complete(&id, a, &outcome(1), TTL).await;
+    assert_eq!(
+        r,
+        Err(StoreError::Timeout {
+            maybe_applied: false
+        })
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        s.complete(&id, a, &outcome(1), TTL).await.unwrap(),
+        Completion::Stored
+    );
+}
+
+/// Two instances on one table, many concurrent attempts per key: each key is acquired exactly
+/// once, and every other attempt sees it in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_racing_acquire_each_key_once() {
+    let url = shared_db();
+    let table = format!("race_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let (s1, s2) = tokio::join!(
+        builder(&url)
+            .table(table.clone())
+            .max_connections(8)
+            .connect(),
+        builder(&url)
+            .table(table.clone())
+            .max_connections(8)
+            .connect(),
+    );
+    let stores = [Arc::new(s1.unwrap()), Arc::new(s2.unwrap())];
+    let keys: Vec<RecordId> = (0..20).map(|_| new_id()).collect();
+    let mut tasks = Vec::new();
+    for (k, id) in keys.iter().enumerate() {
+        for attempt in 0..8 {
+            let s = stores[(k + attempt) % 2].clone();
+            let id = *id;
+            tasks.push(tokio::spawn(async move {
+                (id, s.acquire(req(id, Token::random())).await)
+            }));
+        }
+    }
+    let mut won = std::collections::HashMap::<RecordId, usize>::new();
+    for t in tasks {
+        let (id, r) = t.await.unwrap();
+        match r.unwrap() {
+            Acquire::Acquired { .. } => *won.entry(id).or_default() += 1,
+            Acquire::InFlight { .. } => {}
+            other => panic!("unexpected answer in a race: {other:?}"),
+        }
+    }
+    for id in &keys {
+        assert_eq!(won.get(id), Some(&1), "key {id} acquired once");
+    }
+}
+
+/// Lapsed leases under racing instances: exactly one placeholder write wins and everybody
+/// sees the same outcome-unknown record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_takeover_of_a_lapsed_lease_is_consistent() {
+    let url = shared_db();
+    let table = format!("lapse_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let s1 = Arc::new(builder(&url).table(table.clone()).connect().await.unwrap());
+    let s2 = Arc::new(builder(&url).table(table).connect().await.unwrap());
+    let (id, a) = (new_id(), Token::random());
+    acquired(
+        &s1,
+        AcquireRequest {
+            lease: Duration::from_millis(200),
+            ..req(id, a)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.push(tokio::spawn(async move {
+            s.acquire(req(id, Token::random())).await
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Acquire::Completed(c) => {
+                assert!(c.outcome.is_outcome_unknown());
+                assert_eq!(c.origin_token, a);
+            }
+            other => panic!("after lapse: {other:?}"),
+        }
+    }
+    // The late holder's real outcome replaces the placeholder.
+    assert_eq!(
+        s2.complete(&id, a, &outcome(3), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    match s1.acquire(req(id, Token::random())).await.unwrap() {
+        Acquire::Completed(c) => assert_eq!(c.outcome, outcome(3)),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn fires(w: &mut idemgate::store::Watch, what: &str) {
+    tokio::time::timeout(Duration::from_secs(2), w.changed())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the watch did not fire"));
+}
+
+async fn silent(w: &mut idemgate::store::Watch, what: &str) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), w.changed())
+            .await
+            .is_err(),
+        "{what}: the watch fired without a change"
+    );
+}
+
+/// A waiter on one instance is woken by a completion or release on another: the NOTIFY goes
+/// through PostgreSQL to the waiter's LISTEN connection (no local shortcut can do that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_reaches_waiters_of_another_instance() {
+    let url = shared_db();
+    let table = format!("notify_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let waiter = builder(&url).table(table.clone()).channel(table.clone());
+    let waiter = waiter.connect().await.unwrap();
+    let worker = builder(&url)
+        .table(table.clone())
+        .channel(table)
+        .connect()
+        .await
+        .unwrap();
+
+    let (id, a) = (new_id(), Token::random());
+    acquired(&worker, req(id, a)).await;
+    let mut w = waiter.watch(&id, 10).await.unwrap().unwrap();
+    silent(&mut w, "before any change").await;
+    // A change to another key does not wake this waiter.
+    let (other, b) = (new_id(), Token::random());
+    acquired(&worker, req(other, b)).await;
+    worker.release(&other, b).await.unwrap();
+    silent(&mut w, "after another key changed").await;
+    worker.complete(&id, a, &outcome(1), TTL).await.unwrap();
+    fires(&mut w, "complete on the other instance").await;
+
+    let (id2, c) = (new_id(), Token::random());
+    acquired(&worker, req(id2, c)).await;
+    let mut w2 = waiter.watch(&id2, 10).await.unwrap().unwrap();
+    assert_eq!(worker.release(&id2, c).await.unwrap(), Release::Released);
+    fires(&mut w2, "release on the other instance").await;
+}
+
+/// The LISTEN connection comes back after a restart, wakes every waiter then (notifications
+/// sent while it was away are lost), and delivers new notifications afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_and_wakes_waiters_after_restart() {
+    let mut pg = PostgresServer::start();
+    let url = pg.create_database("listen");
+    let waiter = builder(&url).connect().await.unwrap();
+    let table = waiter.table().trim_matches('"').to_owned();
+    let worker = builder(&url)
+        .table(table.clone())
+        .channel(table)
+        .connect()
+        .await
+        .unwrap();
+    let (id, a) = (new_id(), Token::random());
+    acquired(&worker, req(id, a)).await;
+    let mut w = waiter.watch(&id, 10).await.unwrap().unwrap();
+
+    pg.stop();
+    pg.start_again();
+    // Woken at the loss and again at the reconnect: the waiter re-reads.
+    fires(&mut w, "connection lost").await;
+    // Give the listener time to re-LISTEN, then check that live notifications flow again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut delivered = false;
+    while Instant::now() < deadline && !delivered {
+        let (k, t) = (new_id(), Token::random());
+        if worker.acquire(req(k, t)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let mut wk = waiter.watch(&k, 10).await.unwrap().unwrap();
+        while tokio::time::timeout(Duration::from_millis(10), wk.changed())
+            .await
+            .is_ok()
+        {}
+        worker.complete(&k, t, &outcome(1), TTL).await.unwrap();
+        delivered = tokio::time::timeout(Duration::from_secs(1), wk.changed())
+            .await
+            .is_ok();
+    }
+    assert!(delivered, "notifications flow again after the restart");
+}
+
+/// Expired rows are deleted in batches; the reaper lock lets one instance reap at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaper_deletes_in_batches_under_an_advisory_lock() {
+    let url = shared_db();
+    let table = format!("reap_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let s1 = builder(&url)
+        .table(table.clone())
+        .reaper_batch(3)
+        .connect()
+        .await
+        .unwrap();
+    let s2 = builder(&url)
+        .table(table.clone())
+        .reaper_batch(3)
+        .connect()
+        .await
+        .unwrap();
+    let mut expiring = Vec::new();
+    for _ in 0..10 {
+        let (id, t) = (new_id(), Token::random());
+        acquired(&s1, req(id, t)).await;
+        s1.complete(&id, t, &outcome(1), Duration::from_millis(100))
+            .await
+            .unwrap();
+        expiring.push(id);
+    }
+    let (keep, t) = (new_id(), Token::random());
+    acquired(&s1, req(keep, t)).await;
+    s1.complete(&keep, t, &outcome(2), TTL).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+
+    // While another session holds the reaper lock, a background-style run skips.
+    let mut tx = s2.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(501809154, hashtext($1))")
+        .bind(&table)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        s1.reap_once().await.unwrap(),
+        None,
+        "lock held elsewhere: skip"
+    );
+    tx.rollback().await.unwrap();
+
+    let (a, b) = tokio::join!(s1.purge_expired(), s2.purge_expired());
+    assert_eq!(a.unwrap() + b.unwrap(), 10, "all expired rows, once");
+    for id in &expiring {
+        assert!(s1.get(id).await.unwrap().is_none());
+    }
+    assert!(matches!(
+        s1.get(&keep).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+}
+
+/// Instances starting together on a new table all succeed (migrations under an advisory lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_startup_migrates_once() {
+    let url = shared_db();
+    let table = format!("mig_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let starts = (0..6).map(|_| builder(&url).table(table.clone()).connect());
+    let stores = futures_join_all(starts).await;
+    for s in &stores {
+        assert!(s.is_ok(), "{s:?}");
+    }
+    let s = stores.into_iter().next().unwrap().unwrap();
+    let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{table}_schema\""
+    )))
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(v, 1, "one schema version recorded");
+}
+
+async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// `complete_in` commits with the application's transaction, or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_in_follows_the_application_transaction() {
+    let s = builder(&shared_db()).connect().await.unwrap();
+    let (id, a) = (new_id(), Token::random());
+    acquired(&s, req(id, a)).await;
+
+    let mut tx = s.pool().begin().await.unwrap();
+    let r = s
+        .complete_in(&mut tx, &id, a, &outcome(1), TTL)
+        .await
+        .unwrap();
+    assert_eq!(r, Completion::Stored);
+    tx.rollback().await.unwrap();
+    assert!(
+        matches!(s.get(&id).await.unwrap(), Some(Record::InFlight(f)) if f.token == a),
+        "rolled back: still in flight"
+    );
+
+    let mut tx = s.pool().begin().await.unwrap();
+    let other = Token::random();
+    assert_eq!(
+        s.complete_in(&mut tx, &id, other, &outcome(9), TTL)
+            .await
+            .unwrap(),
+        Completion::Refused,
+        "fenced inside a transaction too"
+    );
+    s.complete_in(&mut tx, &id, a, &outcome(1), TTL)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    match s.get(&id).await.unwrap() {
+        Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(1)),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Rows written in a shape this build cannot read (unknown state) are `Corrupt` for every
+/// token operation and never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_state_is_corrupt() {
+    let s = builder(&shared_db()).connect().await.unwrap();
+    let id = new_id();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {} (id, state, fingerprint, expires_at) \
+         VALUES ($1, 7, $2, now() - interval '1 hour')",
+        s.table()
+    )))
+    .bind(&id.0[..])
+    .bind(&[1u8; 32][..])
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let t = Token::random();
+    assert!(matches!(
+        s.acquire(req(id, t)).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let re = AcquireRequest {
+        on_lease_expiry: LeaseExpiry::ReExecute,
+        ..req(id, t)
+    };
+    assert!(matches!(s.acquire(re).await, Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        s.complete(&id, t, &outcome(1), TTL).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(s.get(&id).await, Err(StoreError::Corrupt(_))));
+}
+
+/// Invalid table names are refused before touching the database.
+#[tokio::test]
+async fn invalid_table_name_is_a_config_error() {
+    for bad in ["", "a;drop", "x\"y", "a.b.c", "1abc"] {
+        let r = PostgresStore::builder("postgres://postgres@127.0.0.1:1/x")
+            .table(bad)
+            .connect()
+            .await;
+        assert!(
+            matches!(r, Err(idemgate_store_postgres::BuildError::Config(_))),
+            "{bad:?}: {r:?}"
+        );
+    }
+}
