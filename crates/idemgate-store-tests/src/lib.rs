@@ -150,7 +150,7 @@ pub mod __private {
 /// Expands to one test per conformance case, each building the harness with the given
 /// expression (evaluated inside the async test, so it may `.await`) and running the case.
 ///
-/// See the [crate docs](crate) for an example. The case list is [`suite::CASES`].
+/// See the [crate docs](crate) for an example; the cases are the functions of [`suite`].
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:expr) => {

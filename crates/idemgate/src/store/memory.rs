@@ -1,40 +1,4 @@
-//! The in-memory store: for tests, single-process services, and as the reference backend.
-//!
-//! - **Sharded**: 64 shards, each a `std::sync::Mutex<HashMap>`, picked by a byte of the
-//!   record id (itself a SHA-256, so evenly spread). No lock is global and none is held across
-//!   an `.await`; every operation is a short critical section on one shard, which is what makes
-//!   each operation atomic on its record.
-//! - **Bounded**: every record costs [`RECORD_OVERHEAD`] bytes plus
-//!   [`Outcome::approx_size`]. An `acquire` that would create a record, a `complete` or a
-//!   `resolve` that would go past the bound fails with [`StoreError::Full`]; live records are
-//!   never evicted, but expired ones are purged first to make room.
-//! - **Expiry**: a background task purges expired completed records every `expiry_interval`
-//!   (default 10 s). Expired records are never served in the meantime: `acquire` treats them as
-//!   absent.
-//! - **Leases are judged by holder liveness**: the store has an instance epoch ([`Holder`]); every
-//!   in-flight record carries the epoch that wrote it, and its lease has lapsed iff that epoch is
-//!   no longer current. In one process the holder is alive as long as the store is, so a lease
-//!   lapses only through [`MemoryStore::lapse_all_leases`] (which simulates the holder process's
-//!   death); `lease_expires_at` is informational.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use std::time::Duration;
-//! use idemgate::record::{Fingerprint, RecordId, Token};
-//! use idemgate::store::{Acquire, AcquireRequest, LeaseExpiry, MemoryStore, Store};
-//!
-//! let store = MemoryStore::builder().capacity_bytes(64 << 20).build();
-//! let req = AcquireRequest {
-//!     id: RecordId([1; 32]),
-//!     fingerprint: Fingerprint([2; 32]),
-//!     token: Token::random(),
-//!     lease: Duration::from_secs(30),
-//!     on_lease_expiry: LeaseExpiry::OutcomeUnknown,
-//!     retention: Duration::from_secs(86_400),
-//! };
-//! assert!(matches!(store.acquire(req).await, Ok(Acquire::Acquired { .. })));
-//! # }
-//! ```
+//! The in-memory store ([`MemoryStore`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -53,7 +17,7 @@ const SHARDS: usize = 64;
 
 /// Bytes charged per record on top of its outcome: the map slot (id and record) plus the
 /// hash-table control bytes and allocator slack, rounded up.
-pub const RECORD_OVERHEAD: usize = std::mem::size_of::<(RecordId, Entry)>() + 16;
+const RECORD_OVERHEAD: usize = std::mem::size_of::<(RecordId, Entry)>() + 16;
 
 /// Default capacity bound: 256 MiB.
 const DEFAULT_CAPACITY: usize = 256 << 20;
@@ -142,7 +106,43 @@ impl MemoryStoreBuilder {
     }
 }
 
-/// The in-memory [`Store`]. See the [module docs](self).
+/// The in-memory [`Store`]: for tests, single-process services, and as the reference backend.
+///
+/// - **Sharded**: 64 shards, each a `std::sync::Mutex<HashMap>`, picked by a byte of the
+///   record id (itself a SHA-256, so evenly spread). No lock is global and none is held across
+///   an `.await`; every operation is a short critical section on one shard, which is what makes
+///   each operation atomic on its record.
+/// - **Bounded**: every record costs [`MemoryStore::RECORD_OVERHEAD`] bytes plus
+///   [`Outcome::approx_size`]. An `acquire` that would create a record, a `complete` or a
+///   `resolve` that would go past the bound fails with [`StoreError::Full`]; live records are
+///   never evicted, but expired ones are purged first to make room.
+/// - **Expiry**: a background task purges expired completed records every `expiry_interval`
+///   (default 10 s). Expired records are never served in the meantime: `acquire` treats them as
+///   absent.
+/// - **Leases are judged by holder liveness**: the store has an instance epoch ([`Holder`]); every
+///   in-flight record carries the epoch that wrote it, and its lease has lapsed iff that epoch is
+///   no longer current. In one process the holder is alive as long as the store is, so a lease
+///   lapses only through [`MemoryStore::lapse_all_leases`] (which simulates the holder process's
+///   death); `lease_expires_at` is informational.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use idemgate::record::{Fingerprint, RecordId, Token};
+/// use idemgate::store::{Acquire, AcquireRequest, LeaseExpiry, MemoryStore, Store};
+///
+/// let store = MemoryStore::builder().capacity_bytes(64 << 20).build();
+/// let req = AcquireRequest {
+///     id: RecordId([1; 32]),
+///     fingerprint: Fingerprint([2; 32]),
+///     token: Token::random(),
+///     lease: Duration::from_secs(30),
+///     on_lease_expiry: LeaseExpiry::OutcomeUnknown,
+///     retention: Duration::from_secs(86_400),
+/// };
+/// assert!(matches!(store.acquire(req).await, Ok(Acquire::Acquired { .. })));
+/// # }
+/// ```
 ///
 /// Cheap to clone: clones share the same records.
 #[derive(Clone)]
@@ -292,16 +292,18 @@ impl Inner {
             return Ok(v);
         }
         let last = self.last_purge_on_full.load(Ordering::Relaxed);
-        if now.0.saturating_sub(last) >= PURGE_ON_FULL_EVERY_MS
+        let may_purge = now.0.saturating_sub(last) >= PURGE_ON_FULL_EVERY_MS
             && self
                 .last_purge_on_full
                 .compare_exchange(last, now.0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            && self.purge(now) > 0
-        {
-            if let Attempt::Done(v) = op(Timestamp::now())? {
-                return Ok(v);
-            }
+                .is_ok();
+        let retried = if may_purge && self.purge(now) > 0 {
+            op(Timestamp::now())?
+        } else {
+            Attempt::NoRoom
+        };
+        if let Attempt::Done(v) = retried {
+            return Ok(v);
         }
         Err(StoreError::Full(format!(
             "memory store holds {} of {} bytes",
@@ -413,6 +415,9 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
+    /// Bytes charged per record on top of its outcome's [`Outcome::approx_size`].
+    pub const RECORD_OVERHEAD: usize = RECORD_OVERHEAD;
+
     /// A store with the default settings (256 MiB, expiry every 10 s). See
     /// [`MemoryStoreBuilder::build`] for when the expiry task starts.
     pub fn new() -> Self {
@@ -684,9 +689,9 @@ mod tests {
             Ok(Acquire::Acquired { .. })
         ));
         assert_eq!(s.get(&RecordId([1; 32])).await, Ok(None));
-        // Record 3's outcome does not fit next to live record 2, which is never evicted.
+        // A bigger outcome for record 3 does not fit next to live record 2, never evicted.
         assert!(matches!(
-            s.complete(&RecordId([3; 32]), c, &response(1000), TTL)
+            s.complete(&RecordId([3; 32]), c, &response(2000), TTL)
                 .await,
             Err(StoreError::Full(_))
         ));
@@ -750,6 +755,52 @@ mod tests {
             s.acquire(req(1, Token::random())).await.unwrap();
         });
         assert!(lock(&s.inner.expiry_task).is_some());
+    }
+
+    async fn fires(w: &mut Watch) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), w.changed())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn watchers_wake_on_conversion_resolve_and_delete() {
+        let s = MemoryStore::new();
+        let (a, id) = (Token::random(), RecordId([1; 32]));
+        s.acquire(req(1, a)).await.unwrap();
+        let mut w = s.watch(&id, 10).await.unwrap().unwrap();
+        s.lapse_all_leases();
+        s.acquire(req(1, Token::random())).await.unwrap();
+        assert!(
+            fires(&mut w).await,
+            "a lapsed lease turned placeholder wakes waiters"
+        );
+        let respond = Resolution::Respond {
+            outcome: response(3),
+            ttl: TTL,
+        };
+        assert_eq!(s.resolve(&id, respond).await, Ok(Resolved::Resolved));
+        assert!(fires(&mut w).await, "resolve wakes waiters");
+        assert_eq!(s.delete(&id, false).await, Ok(Deletion::Deleted));
+        assert!(fires(&mut w).await, "delete wakes waiters");
+    }
+
+    #[tokio::test]
+    async fn operator_answer_fences_the_lapsed_holder() {
+        let s = MemoryStore::new();
+        let (a, id) = (Token::random(), RecordId([1; 32]));
+        s.acquire(req(1, a)).await.unwrap();
+        s.lapse_all_leases();
+        s.acquire(req(1, Token::random())).await.unwrap();
+        let respond = Resolution::Respond {
+            outcome: response(3),
+            ttl: TTL,
+        };
+        assert_eq!(s.resolve(&id, respond).await, Ok(Resolved::Resolved));
+        assert_eq!(
+            s.complete(&id, a, &response(9), TTL).await,
+            Ok(Completion::Refused)
+        );
     }
 
     #[tokio::test]
