@@ -169,7 +169,9 @@ impl PostgresStoreBuilder {
     /// answers still work and live records are never evicted. Counted (up to the bound, so a
     /// check costs O(bound)) every [`capacity_check_interval`](Self::capacity_check_interval)
     /// and after each reaper run, so the table may overshoot by what is acquired within one
-    /// interval. Bytes are bounded by rows × the route's stored-response limit.
+    /// interval. Bytes are bounded by rows × the route's stored-response limit. At the bound,
+    /// `acquire` writes nothing at all: a key that would need a write (new, expired, or a
+    /// lapsed lease to turn into its placeholder) is `Full` until the reaper frees rows.
     ///
     /// A row count and not the table's size on disk, because PostgreSQL does not give space
     /// back to the file system after deletes (only VACUUM FULL does): a size bound, once
@@ -814,28 +816,34 @@ impl Store for PostgresStore {
 
     async fn delete(&self, id: &RecordId, force: bool) -> Result<Deletion, StoreError> {
         let s = &self.inner;
-        let row = s
-            .fetch(|| {
-                Inner::q(&s.sql.delete)
-                    .bind(&id.0[..])
-                    .bind(force)
-                    .bind(s.channel.as_str())
-                    .bind(id.to_hex())
-            })
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("delete returned no row".into()))?;
-        let changed: i64 = row.try_get("changed").map_err(|e| map_err(e, true))?;
-        if changed > 0 {
-            s.notify_local(id);
-            return Ok(Deletion::Deleted);
+        // Works on rows of any state, readable or not, so it never decodes the record.
+        for _ in 0..ACQUIRE_RACE_RETRIES {
+            let row = s
+                .fetch(|| {
+                    Inner::q(&s.sql.delete)
+                        .bind(&id.0[..])
+                        .bind(force)
+                        .bind(s.channel.as_str())
+                        .bind(id.to_hex())
+                })
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("delete returned no row".into()))?;
+            let changed: i64 = row.try_get("changed").map_err(|e| map_err(e, true))?;
+            if changed > 0 {
+                s.notify_local(id);
+                return Ok(Deletion::Deleted);
+            }
+            let state: Option<i16> = row.try_get("state").map_err(|e| map_err(e, true))?;
+            match state {
+                None => return Ok(Deletion::NotFound),
+                Some(STATE_IN_FLIGHT) if !force => return Ok(Deletion::InFlightNeedsForce),
+                // The snapshot had a row the delete did not find: it changed under us.
+                Some(_) => continue,
+            }
         }
-        let state: Option<i16> = row.try_get("state").map_err(|e| map_err(e, true))?;
-        Ok(match state {
-            None => Deletion::NotFound,
-            Some(STATE_IN_FLIGHT) => Deletion::InFlightNeedsForce,
-            // Another statement replaced the row under us; a second try settles it.
-            Some(_) => return Box::pin(self.delete(id, force)).await,
-        })
+        Err(StoreError::Unavailable(
+            "delete kept racing with concurrent writers; try again".into(),
+        ))
     }
 
     async fn resolve(&self, id: &RecordId, resolution: Resolution) -> Result<Resolved, StoreError> {
