@@ -39,6 +39,12 @@
 //!   call would have. A refused connection is [`StoreError::Unavailable`]; Redis' `OOM` answer
 //!   is [`StoreError::Full`]. Every operation is bounded by the store's timeout (default 1 s).
 //! - `purge_expired` returns 0: Redis expires keys by itself.
+//! - `complete` on an absent key answers `Stored` without writing: the call carries no
+//!   fingerprint to build a record from (the key was released, deleted by an operator, or
+//!   expired after its holder was gone for longer than lease + retention).
+//! - `release` deletes only `InFlight(token)`; an outcome-unknown placeholder is kept even for
+//!   the token whose lease lapsed, since a duplicate may already have been told the outcome is
+//!   unknown.
 //!
 //! Wait mode (SPEC §7): the scripts publish on the record's key name whenever it is completed,
 //! released, deleted, resolved or replaced by a placeholder (`SPUBLISH`, sharded pub/sub, on

@@ -621,3 +621,158 @@ async fn bad_spec_and_unreachable_server_are_unavailable() {
     assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn wait_replicas_missing_acks_is_maybe_applied_timeout() {
+    let primary = RedisServer::start();
+    // No replica: WAIT 1 cannot be satisfied.
+    let store = RedisStore::builder(primary.url())
+        .wait_replicas(1, Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let got = store.acquire(req(id(60), 1, Token::random(), LEASE)).await;
+    assert_eq!(
+        got,
+        Err(StoreError::Timeout {
+            maybe_applied: true
+        })
+    );
+
+    // With a replica attached, the same write is acknowledged.
+    let replica = RedisServer::builder()
+        .config(format!("replicaof 127.0.0.1 {}", primary.port()))
+        .start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replica
+        .cli(&["info", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "replica did not sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Token::random();
+    assert!(matches!(
+        store.acquire(req(id(61), 1, t, LEASE)).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    assert_eq!(
+        store
+            .complete(&id(61), t, &response(b"r"), TTL)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+    // Replays write nothing, so they never wait on replicas.
+    assert!(matches!(
+        store
+            .acquire(req(id(61), 1, Token::random(), LEASE))
+            .await
+            .unwrap(),
+        Acquire::Completed(_)
+    ));
+    let key = store.key(&id(61));
+    assert_eq!(
+        replica.cli(&["hget", &key, "s"]).trim(),
+        "c",
+        "the replica has it"
+    );
+}
+
+#[tokio::test]
+async fn a_hung_server_times_out_within_the_bound() {
+    let srv = RedisServer::start();
+    let store = RedisStore::builder(srv.url())
+        .timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    srv.cli(&["client", "pause", "1500", "all"]);
+    let started = Instant::now();
+    let got = store.acquire(req(id(70), 1, Token::random(), LEASE)).await;
+    assert_eq!(
+        got,
+        Err(StoreError::Timeout {
+            maybe_applied: true
+        })
+    );
+    assert!(started.elapsed() < Duration::from_millis(900));
+    let got = store.get(&id(70)).await;
+    assert_eq!(
+        got,
+        Err(StoreError::Timeout {
+            maybe_applied: false
+        })
+    );
+    // After the pause the store works again, and the retried acquire with a fresh token sees
+    // whatever the timed-out one did.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match store.acquire(req(id(71), 1, Token::random(), LEASE)).await {
+            Ok(Acquire::Acquired { .. }) => break,
+            other => {
+                assert!(Instant::now() < deadline, "did not recover: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn waiters_are_woken_after_the_subscriber_reconnects() {
+    let mut srv = RedisServer::builder().durable().start();
+    let store = RedisStore::builder(srv.url())
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let k = id(80);
+    let a = Token::random();
+    store
+        .acquire(req(k, 1, a, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let mut w = store.watch(&k, 10).await.unwrap().expect("a watch");
+    srv.kill();
+    srv.restart();
+    // The resubscription wakes every waiter to re-read (a change may have been missed).
+    assert!(
+        tokio::time::timeout(Duration::from_secs(8), w.changed())
+            .await
+            .is_ok(),
+        "no wake-up after reconnect"
+    );
+    // And the subscription is live again: a completion wakes the waiter.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match store.complete(&k, a, &response(b"after"), TTL).await {
+            Ok(Completion::Stored) => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "complete after restart: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), w.changed())
+            .await
+            .is_ok(),
+        "completion after reconnect did not wake the waiter"
+    );
+}
+
+#[tokio::test]
+async fn rediss_uses_rustls_and_fails_cleanly_on_a_plain_server() {
+    // The TLS handshake against a plain-text server fails: an error, not a panic about a missing
+    // crypto provider (rustls is built with ring only).
+    let srv = server();
+    let got = RedisStore::builder(format!("rediss://127.0.0.1:{}/", srv.port()))
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await;
+    assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
+}
