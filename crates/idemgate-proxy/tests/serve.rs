@@ -1,0 +1,618 @@
+//! Black-box tests of `idemgate serve` (SPEC §1, §3, §6, §7, §8): the real binary in front of
+//! a real upstream, driven over loopback HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use support::{
+    Client, Fault, FaultUpstream, Proxy, Req, Resp, Upstream, closed_port, eventually, raw_exchange,
+};
+
+/// Flags every test uses: a short lease so nothing waits long on one.
+const BASE: &[&str] = &["--lease", "1s"];
+
+async fn proxy_for(upstream: &str, extra: &[&str]) -> (Proxy, Client) {
+    let proxy = Proxy::builder(upstream)
+        .args(BASE.iter().copied())
+        .args(extra.iter().copied())
+        .start()
+        .await;
+    let client = Client::new(proxy.addr());
+    (proxy, client)
+}
+
+fn assert_problem(r: &Resp, status: u16, slug: &str) {
+    assert_eq!(
+        r.status,
+        status,
+        "expected {status} {slug}, got {}",
+        r.summary()
+    );
+    assert_eq!(
+        r.problem().as_deref(),
+        Some(slug),
+        "expected problem {slug}, got {}",
+        r.summary()
+    );
+    let body = r.json();
+    assert_eq!(
+        body["status"],
+        status,
+        "problem body status: {}",
+        r.summary()
+    );
+    assert!(body["title"].is_string() && body["detail"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_request_is_replayed_with_replayed_header() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    let first = client.send(Req::post("/orders").key("replay-1")).await;
+    assert_eq!(first.status, 201, "{}", first.summary());
+    assert!(!first.replayed(), "a first execution is not a replay");
+    assert_eq!(first.json()["execution"], 1);
+
+    let retry = client.send(Req::post("/orders").key("replay-1")).await;
+    assert_eq!(retry.status, 201, "{}", retry.summary());
+    assert!(
+        retry.replayed(),
+        "retry lacks Idempotent-Replayed: true: {}",
+        retry.summary()
+    );
+    assert_eq!(retry.body, first.body, "replayed body differs");
+    assert_eq!(
+        retry.header("x-upstream-serial"),
+        first.header("x-upstream-serial")
+    );
+    assert_eq!(retry.header("content-type"), first.header("content-type"));
+    assert_eq!(up.executions("replay-1"), 1);
+
+    // The sf-string spelling of the same characters is the same key.
+    let quoted = client.send(Req::post("/orders").key("\"replay-1\"")).await;
+    assert!(quoted.replayed(), "{}", quoted.summary());
+    assert_eq!(quoted.body, first.body);
+    assert_eq!(up.executions("replay-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprotected_requests_pass_through() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    // GET is not protected: the key is ignored and every request executes.
+    for _ in 0..2 {
+        let r = client
+            .send(Req::new(Method::GET, "/orders").key("get-key"))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.summary());
+        assert!(!r.replayed());
+    }
+    assert_eq!(up.executions("get-key"), 2);
+
+    // POST without a key passes through unprotected when keys are not required.
+    let before = up.total();
+    for _ in 0..2 {
+        let r = client.send(Req::post("/orders")).await;
+        assert_eq!(r.status, 201, "{}", r.summary());
+        assert!(!r.replayed());
+    }
+    assert_eq!(up.total(), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_statuses_re_execute_and_others_are_stored() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    for (i, status) in ["408", "425", "429", "503"].into_iter().enumerate() {
+        let key = format!("release-{i}");
+        let r = client
+            .send(
+                Req::post("/orders")
+                    .key(&key)
+                    .header("x-test-status", status),
+            )
+            .await;
+        assert_eq!(r.status.to_string(), status, "{}", r.summary());
+        // The same request again (the steering header is not part of the fingerprint).
+        let again = client.send(Req::post("/orders").key(&key)).await;
+        assert_eq!(again.status, 201, "after {status}: {}", again.summary());
+        assert!(!again.replayed(), "after {status} the key must be released");
+        assert_eq!(up.executions(&key), 2, "after {status}");
+        let third = client.send(Req::post("/orders").key(&key)).await;
+        assert!(third.replayed(), "{}", third.summary());
+        assert_eq!(third.body, again.body);
+        assert_eq!(up.executions(&key), 2);
+    }
+
+    // A 500 is an outcome like any other: stored and replayed, never re-executed.
+    let r = client
+        .send(
+            Req::post("/orders")
+                .key("stored-500")
+                .header("x-test-status", "500"),
+        )
+        .await;
+    assert_eq!(r.status, 500);
+    let again = client.send(Req::post("/orders").key("stored-500")).await;
+    assert_eq!(again.status, 500, "{}", again.summary());
+    assert!(again.replayed());
+    assert_eq!(again.body, r.body);
+    assert_eq!(up.executions("stored-500"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upstream_is_unreachable_and_the_retry_executes() {
+    let port = closed_port();
+    let (_proxy, client) = proxy_for(&format!("http://{port}"), &[]).await;
+
+    let r = client.send(Req::post("/orders").key("refused-1")).await;
+    assert_problem(&r, 502, "upstream-unreachable");
+
+    // The upstream comes up on the same port: the retry is a fresh execution.
+    let up = Upstream::start_on(port).await.expect("rebind the port");
+    let retry = client.send(Req::post("/orders").key("refused-1")).await;
+    assert_eq!(retry.status, 201, "{}", retry.summary());
+    assert!(!retry.replayed());
+    assert_eq!(up.executions("refused-1"), 1);
+}
+
+async fn ambiguous_failure_is_stored_as_outcome_unknown(fault: Fault) {
+    let up = FaultUpstream::start(fault).await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    let first = client.send(Req::post("/orders").key("ambiguous-1")).await;
+    assert_problem(&first, 502, "outcome-unknown");
+    let connections = up.connections();
+    let requests = up.requests();
+    assert!(connections >= 1);
+
+    let retry = client
+        .send_until_settled(
+            Req::post("/orders").key("ambiguous-1"),
+            Duration::from_secs(3),
+        )
+        .await;
+    assert_problem(&retry, 502, "outcome-unknown");
+    assert!(retry.replayed(), "{}", retry.summary());
+    assert_eq!(
+        (up.connections(), up.requests()),
+        (connections, requests),
+        "the retry reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_before_reading_is_outcome_unknown() {
+    ambiguous_failure_is_stored_as_outcome_unknown(Fault::CloseOnAccept).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_after_reading_is_outcome_unknown() {
+    ambiguous_failure_is_stored_as_outcome_unknown(Fault::CloseAfterRequest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_release_lets_the_retry_execute() {
+    let up = FaultUpstream::start(Fault::CloseAfterRequest).await;
+    let (_proxy, client) = proxy_for(&up.url(), &["--ambiguous", "release"]).await;
+    let first = client.send(Req::post("/orders").key("amb-release")).await;
+    assert_eq!(first.status, 502, "{}", first.summary());
+    let retry = client
+        .send_until_settled(
+            Req::post("/orders").key("amb-release"),
+            Duration::from_secs(3),
+        )
+        .await;
+    assert_eq!(retry.status, 502, "{}", retry.summary());
+    assert!(
+        !retry.replayed(),
+        "ambiguous=release must not store: {}",
+        retry.summary()
+    );
+    assert_eq!(up.requests(), 2, "the retry must reach the upstream again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_reset_mid_body_is_response_incomplete() {
+    let up = FaultUpstream::start(Fault::HeadThenReset).await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    let first = client.send(Req::post("/orders").key("reset-1")).await;
+    // The head was streamed to the first client; its body must not end as if complete.
+    if first.status == 200 {
+        assert!(
+            first.body_error.is_some() && first.body.len() < 1000,
+            "a truncated body reached the client as complete: {}",
+            first.summary()
+        );
+    } else {
+        assert_eq!(first.status, 502, "{}", first.summary());
+    }
+
+    let retry = client
+        .send_until_settled(Req::post("/orders").key("reset-1"), Duration::from_secs(3))
+        .await;
+    assert_problem(&retry, 502, "response-incomplete");
+    assert_eq!(retry.json()["original_status"], 200, "{}", retry.summary());
+    assert!(retry.replayed());
+    assert_eq!(up.requests(), 1, "the retry reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_answer_after_client_deadline_is_stored_for_the_retry() {
+    let up = FaultUpstream::start(Fault::AnswerAfter(Duration::from_millis(1500))).await;
+    let (_proxy, client) = proxy_for(
+        &up.url(),
+        &[
+            "--upstream-timeout",
+            "400ms",
+            "--upstream-hard-timeout",
+            "6s",
+        ],
+    )
+    .await;
+
+    let started = Instant::now();
+    let first = client.send(Req::post("/orders").key("late-1")).await;
+    let took = started.elapsed();
+    assert_problem(&first, 504, "outcome-pending");
+    assert!(
+        took < Duration::from_millis(1400),
+        "504 came after {took:?}"
+    );
+
+    let retry = client
+        .send_until_settled(Req::post("/orders").key("late-1"), Duration::from_secs(5))
+        .await;
+    assert_eq!(retry.status, 200, "{}", retry.summary());
+    assert_eq!(&retry.body[..], br#"{"late":true}"#);
+    assert!(retry.replayed());
+    assert_eq!(up.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_by_the_hard_timeout_is_outcome_unknown() {
+    let up = FaultUpstream::start(Fault::AnswerAfter(Duration::from_secs(4))).await;
+    let (_proxy, client) = proxy_for(
+        &up.url(),
+        &[
+            "--upstream-timeout",
+            "300ms",
+            "--upstream-hard-timeout",
+            "900ms",
+        ],
+    )
+    .await;
+
+    let first = client.send(Req::post("/orders").key("hard-1")).await;
+    assert_problem(&first, 504, "outcome-pending");
+    let retry = client
+        .send_until_settled(Req::post("/orders").key("hard-1"), Duration::from_secs(3))
+        .await;
+    assert!(
+        retry.status == 502 || retry.status == 504,
+        "{}",
+        retry.summary()
+    );
+    assert_eq!(
+        retry.problem().as_deref(),
+        Some("outcome-unknown"),
+        "{}",
+        retry.summary()
+    );
+    assert_eq!(up.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_over_the_limit_is_413_before_the_body_is_read() {
+    let up = Upstream::start().await;
+    let (proxy, client) = proxy_for(&up.url(), &["--max-request-body", "1KiB"]).await;
+
+    // Only the head is sent; the answer must not wait for 5 MB nor send 100 Continue first.
+    let head = "POST /orders HTTP/1.1\r\nhost: localhost\r\nidempotency-key: big-1\r\n\
+                content-type: application/json\r\nexpect: 100-continue\r\n\
+                content-length: 5000000\r\n\r\n";
+    let answer = raw_exchange(
+        proxy.addr(),
+        head.as_bytes(),
+        false,
+        Some("request-too-large"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "expected 413 before the body, got: {answer:?}"
+    );
+    assert!(answer.contains("request-too-large"), "{answer:?}");
+
+    let r = client
+        .send(Req::post("/orders").key("big-2").body(vec![b'x'; 2048]))
+        .await;
+    assert_problem(&r, 413, "request-too-large");
+    let ok = client
+        .send(Req::post("/orders").key("big-3").body(vec![b'x'; 1000]))
+        .await;
+    assert_eq!(ok.status, 201, "{}", ok.summary());
+    assert_eq!(up.executions("big-1") + up.executions("big-2"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_keys_are_400_before_anything_runs() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    for bad in ["\"unterminated", "a,b", "\"\""] {
+        let r = client.send(Req::post("/orders").key(bad)).await;
+        assert_eq!(r.status, 400, "key {bad:?}: {}", r.summary());
+        let slug = r.problem().unwrap_or_default();
+        assert!(
+            slug == "key-malformed" || slug == "key-length",
+            "key {bad:?}: {}",
+            r.summary()
+        );
+    }
+    let long = "k".repeat(256);
+    let r = client.send(Req::post("/orders").key(&long)).await;
+    assert_problem(&r, 400, "key-length");
+
+    let r = client
+        .send(Req::post("/orders").key("twice-1").key("twice-1"))
+        .await;
+    assert_problem(&r, 400, "key-repeated");
+    let r = client
+        .send(Req::post("/orders").key("twice-2").key("twice-3"))
+        .await;
+    assert_problem(&r, 400, "key-repeated");
+    assert_eq!(up.total(), 0, "an invalid request reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_key_rejects_a_missing_key() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &["--require-key"]).await;
+    let r = client.send(Req::post("/orders")).await;
+    assert_problem(&r, 400, "key-missing");
+    assert_eq!(up.total(), 0);
+    // GET is not protected, so it needs no key.
+    let r = client.get("/orders").await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+    let r = client.send(Req::post("/orders").key("present")).await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_keys_accept_sf_strings_only() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &["--strict-keys"]).await;
+    let r = client.send(Req::post("/orders").key("bare-token")).await;
+    assert_problem(&r, 400, "key-malformed");
+    let r = client.send(Req::post("/orders").key("\"quoted\"")).await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicate_gets_409_with_retry_after() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+    let slow = Req::post("/orders")
+        .key("dup-1")
+        .header("x-test-delay-ms", "1200");
+    let c = client.clone();
+    let s = slow.clone();
+    let first = tokio::spawn(async move { c.send(s).await });
+    assert!(eventually(Duration::from_secs(5), || up.executions("dup-1") == 1).await);
+
+    let dup = client.send(slow.clone()).await;
+    assert_problem(&dup, 409, "request-in-flight");
+    let after: u64 = dup
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("409 without a numeric Retry-After: {}", dup.summary()));
+    assert!(after >= 1);
+
+    let first = first.await.expect("first request task");
+    assert_eq!(first.status, 201, "{}", first.summary());
+    let replay = client.send(slow).await;
+    assert!(replay.replayed(), "{}", replay.summary());
+    assert_eq!(replay.body, first.body);
+    assert_eq!(up.executions("dup-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_different_request_is_422_and_leaves_the_record() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+    let first = client.send(Req::post("/orders").key("reuse-1")).await;
+    assert_eq!(first.status, 201);
+
+    let other_body = client
+        .send(
+            Req::post("/orders")
+                .key("reuse-1")
+                .body(&b"{\"amount\":999}"[..]),
+        )
+        .await;
+    assert_problem(&other_body, 422, "key-reused");
+    let other_path = client.send(Req::post("/refunds").key("reuse-1")).await;
+    assert_problem(&other_path, 422, "key-reused");
+    let original_again = client
+        .send(
+            Req::post("/orders")
+                .key("reuse-1")
+                .body(&b"{\"amount\":100}"[..]),
+        )
+        .await;
+    assert!(original_again.replayed(), "{}", original_again.summary());
+    assert_eq!(original_again.body, first.body);
+    assert_eq!(up.executions("reuse-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_over_the_store_limit_is_410_on_retry() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &["--max-stored-response", "1KiB"]).await;
+    let req = Req::post("/orders")
+        .key("huge-1")
+        .header("x-test-body-bytes", "4096")
+        .header("x-test-stream", "8")
+        .header("x-test-extra", "1");
+    let first = client.send(req.clone()).await;
+    assert_eq!(first.status, 201, "{}", first.summary());
+    assert_eq!(
+        first.body.len(),
+        4096,
+        "the first client gets the whole body"
+    );
+    assert!(first.body_error.is_none());
+
+    let retry = client.send_until_settled(req, Duration::from_secs(3)).await;
+    assert_problem(&retry, 410, "response-not-stored");
+    let body = retry.json();
+    assert_eq!(body["original_status"], 201, "{}", retry.summary());
+    assert_eq!(body["location"], "/orders/42", "{}", retry.summary());
+    assert_eq!(retry.header("location"), Some("/orders/42"));
+    assert_eq!(retry.header("etag"), Some("\"v1\""));
+    assert_eq!(up.executions("huge-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_request_body_is_never_forwarded() {
+    let up = Upstream::start().await;
+    let (proxy, client) = proxy_for(&up.url(), &[]).await;
+    let head = "POST /orders HTTP/1.1\r\nhost: localhost\r\nidempotency-key: trunc-1\r\n\
+                content-type: application/json\r\ncontent-length: 100\r\n\r\n0123456789";
+    let _ = raw_exchange(
+        proxy.addr(),
+        head.as_bytes(),
+        true,
+        None,
+        Duration::from_millis(700),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(up.total(), 0, "a truncated body was forwarded");
+
+    // Nothing was acquired: a complete request with the same key (and another body) executes.
+    let r = client.send(Req::post("/orders").key("trunc-1")).await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+    assert!(!r.replayed());
+    assert_eq!(up.executions("trunc-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_keeps_header_order_and_drops_set_cookie() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+    let req = Req::post("/orders")
+        .key("headers-1")
+        .header("x-test-extra", "1");
+    let first = client.send(req.clone()).await;
+    assert_eq!(first.status, 201);
+    assert_eq!(
+        first.all("set-cookie").len(),
+        2,
+        "the first client gets the cookies: {}",
+        first.summary()
+    );
+    let links = vec![
+        "</a>; rel=\"first\"".to_owned(),
+        "</b>; rel=\"second\"".to_owned(),
+        "</c>; rel=\"third\"".to_owned(),
+    ];
+    assert_eq!(first.all("link"), links);
+
+    let replay = client.send(req).await;
+    assert!(replay.replayed(), "{}", replay.summary());
+    assert!(
+        replay.all("set-cookie").is_empty(),
+        "Set-Cookie was replayed: {}",
+        replay.summary()
+    );
+    assert_eq!(replay.all("link"), links, "Link lines lost their order");
+    assert_eq!(replay.header("location"), Some("/orders/42"));
+    assert_eq!(replay.header("etag"), Some("\"v1\""));
+    assert_eq!(replay.body, first.body);
+    assert_eq!(up.executions("headers-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_body_is_replayed_encoded_or_decoded_by_accept_encoding() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+    let req = Req::post("/orders")
+        .key("gzip-1")
+        .header("x-test-gzip", "1");
+    let first = client
+        .send(req.clone().header("accept-encoding", "gzip"))
+        .await;
+    assert_eq!(first.status, 201, "{}", first.summary());
+    assert_eq!(first.header("content-encoding"), Some("gzip"));
+    let plain = support::upstream::gunzip_bytes(&first.body);
+    assert!(serde_json::from_slice::<serde_json::Value>(&plain).is_ok());
+
+    let encoded = client
+        .send(req.clone().header("accept-encoding", "gzip, br"))
+        .await;
+    assert!(encoded.replayed());
+    assert_eq!(encoded.header("content-encoding"), Some("gzip"));
+    assert_eq!(encoded.body, first.body, "gzip replay is not byte-for-byte");
+
+    let identity = client.send(req).await;
+    assert!(identity.replayed(), "{}", identity.summary());
+    assert_eq!(
+        identity.header("content-encoding"),
+        None,
+        "a client without Accept-Encoding got an encoded replay"
+    );
+    assert_eq!(&identity.body[..], &plain[..]);
+    if let Some(len) = identity.header("content-length") {
+        assert_eq!(len, plain.len().to_string());
+    }
+    assert_eq!(up.executions("gzip-1"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_answer_and_delete_a_key() {
+    let up = Upstream::start().await;
+    let (proxy, client) = proxy_for(&up.url(), &[]).await;
+    let admin = Client::new(proxy.admin());
+    assert_eq!(admin.get("/healthz").await.status, 200);
+    let ready = admin.get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.summary());
+
+    let first = client.send(Req::post("/orders").key("admin-1")).await;
+    assert_eq!(first.status, 201);
+    let metrics = admin.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        String::from_utf8_lossy(&metrics.body).contains("idemgate"),
+        "metrics without idemgate series"
+    );
+
+    let id = support::anonymous_record_id("admin-1");
+    let got = admin.get(&format!("/keys/{id}")).await;
+    assert_eq!(got.status, 200, "{}", got.summary());
+    let missing = admin.get(&format!("/keys/{}", "0".repeat(64))).await;
+    assert_eq!(missing.status, 404, "{}", missing.summary());
+
+    let deleted = admin
+        .send(Req::new(Method::DELETE, &format!("/keys/{id}")))
+        .await;
+    assert!(
+        deleted.status == 200 || deleted.status == 204,
+        "{}",
+        deleted.summary()
+    );
+    let again = client.send(Req::post("/orders").key("admin-1")).await;
+    assert_eq!(again.status, 201);
+    assert!(!again.replayed(), "a deleted key was replayed");
+    assert_eq!(up.executions("admin-1"), 2);
+}
