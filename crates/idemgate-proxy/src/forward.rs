@@ -1,0 +1,586 @@
+//! The upstream-forwarding service that [`IdempotencyLayer`](idemgate::IdempotencyLayer) wraps.
+//!
+//! It rewrites the request for the upstream (URI, hop-by-hop headers, `X-Forwarded-*`), sends it
+//! over a pooled hyper client (HTTP/1.1, and HTTP/2 where TLS ALPN offers it), and classifies
+//! failures as SPEC §6 does, telling the layer through [`OutcomeHint`]:
+//!
+//! | what failed | answer | hint |
+//! |---|---|---|
+//! | connect refused / timed out, DNS, TLS; HTTP/2 `REFUSED_STREAM`, graceful `GOAWAY` | 502 `upstream-unreachable` | [`OutcomeHint::NotSent`] (key released) |
+//! | sent, then reset / EOF before the response head (also on a reused connection) | 502 `outcome-unknown` | [`OutcomeHint::NoResponse`] |
+//! | no response head by the hard timeout | 504 `outcome-unknown` | [`OutcomeHint::NoResponse`] |
+//!
+//! A body that fails after the head is the layer's business (it stores `response-incomplete`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use idemgate::OutcomeHint;
+use idemgate::layer::BoxError;
+use idemgate::problem::{Problem, ProblemKind};
+use tower_service::Service;
+
+use crate::metrics::{Metrics, UpstreamResult};
+
+/// The body the forwarder answers with: the upstream's, streamed, or a problem of idemgate's.
+pub type ForwardBody = Either<Incoming, Full<Bytes>>;
+
+/// Idle pooled connections are closed after this: below common server keep-alive timeouts
+/// (nginx 75 s, Node 5 s, Go 90 s, gunicorn 2 s…), so idemgate rarely reuses a connection the
+/// upstream is closing, which would make a sent request's outcome unknown.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connecting to the upstream (TCP + TLS) gives up after this; the request was not sent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client's address, put in the request extensions by the server for `X-Forwarded-For`.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Marks a request the layer may protect: the forwarder then waits for the response head up to
+/// the hard timeout (the layer answers the client at its deadline). Unmarked requests pass
+/// through and get the client deadline as their head timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct MayProtect;
+
+/// Forwards requests to one upstream.
+pub struct Forwarder<B> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B> Clone for Forwarder<B> {
+    fn clone(&self) -> Self {
+        Forwarder {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<B> {
+    client: Client<HttpsConnector<HttpConnector>, B>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// The upstream URL's path without its trailing `/`, prefixed to every request path.
+    base_path: String,
+    hard_timeout: Duration,
+    soft_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// Settings of a [`Forwarder`].
+#[derive(Clone, Debug)]
+pub struct ForwardConfig {
+    /// The upstream base URL.
+    pub upstream: Uri,
+    /// The longest wait for a response head of a protected request.
+    pub hard_timeout: Duration,
+    /// The longest wait for a response head of an unprotected request.
+    pub soft_timeout: Duration,
+}
+
+impl<B> Forwarder<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// A forwarder with a pooled client (webpki roots; rustls with the ring provider).
+    pub fn new(config: ForwardConfig, metrics: Option<Arc<Metrics>>) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        let parts = config.upstream.into_parts();
+        let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+            return Err("the upstream URL needs a scheme and a host".into());
+        };
+        let base_path = parts
+            .path_and_query
+            .map(|p| p.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        Ok(Forwarder {
+            shared: Arc::new(Shared {
+                client,
+                scheme,
+                authority,
+                base_path,
+                hard_timeout: config.hard_timeout,
+                soft_timeout: config.soft_timeout,
+                metrics,
+            }),
+        })
+    }
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones the
+/// `Connection` header names.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and those named in `Connection`. `TE: trailers` is kept on
+/// requests (gRPC and HTTP/2 allow it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = keep_te_trailers
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Rewrites a request's head for the upstream: URI, hop-by-hop headers, `X-Forwarded-For`
+/// (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (set), `Host` (the upstream's).
+pub fn prepare_head(
+    parts: &mut http::request::Parts,
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+    base_path: &str,
+    client: Option<SocketAddr>,
+) -> Result<(), String> {
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers, true);
+    if let Some(addr) = client {
+        let ip = addr.ip().to_string();
+        let value = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+            _ => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            parts.headers.insert("x-forwarded-for", v);
+        }
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = original_host {
+        parts.headers.insert("x-forwarded-host", host);
+    }
+    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
+    parts.headers.remove(header::HOST);
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let pq = format!("{base_path}{path_and_query}");
+    parts.uri = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| format!("cannot build the upstream URI: {e}"))?;
+    // The pooled client picks HTTP/2 by ALPN; it refuses an HTTP/2 request on an HTTP/1
+    // connection, so every request starts as HTTP/1.1.
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+/// How a failed upstream call is classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The request never reached the upstream.
+    NotSent,
+    /// The request was (maybe) sent; no response head came back.
+    NoResponse,
+}
+
+/// Classifies a client error (SPEC §6).
+pub fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    if error.is_connect() {
+        return Failure::NotSent;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // REFUSED_STREAM guarantees the stream was not processed (RFC 9113 §8.7); a
+            // graceful GOAWAY (NO_ERROR) fails only streams above its last-stream-id, which the
+            // server promises not to have processed.
+            let refused = h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let graceful_goaway =
+                h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            if refused || graceful_goaway {
+                return Failure::NotSent;
+            }
+        }
+        source = e.source();
+    }
+    Failure::NoResponse
+}
+
+fn problem(kind: ProblemKind, status: StatusCode, hint: OutcomeHint) -> Response<ForwardBody> {
+    let mut r: Response<Full<Bytes>> = Problem::new(kind).with_status(status).into_response();
+    r.extensions_mut().insert(hint);
+    r.map(Either::Right)
+}
+
+impl<B> Service<Request<B>> for Forwarder<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ForwardBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ForwardBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(forward(&shared, request).await) })
+    }
+}
+
+async fn forward<B>(shared: &Shared<B>, request: Request<B>) -> Response<ForwardBody>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = request.into_parts();
+    let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    let timeout = if parts.extensions.get::<MayProtect>().is_some() {
+        shared.hard_timeout
+    } else {
+        shared.soft_timeout
+    };
+    if let Err(e) = prepare_head(
+        &mut parts,
+        &shared.scheme,
+        &shared.authority,
+        &shared.base_path,
+        client,
+    ) {
+        tracing::warn!(error = %e, "request not forwarded");
+        return problem(
+            ProblemKind::UpstreamUnreachable,
+            StatusCode::BAD_GATEWAY,
+            OutcomeHint::NotSent,
+        );
+    }
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        timeout,
+        shared.client.request(Request::from_parts(parts, body)),
+    )
+    .await;
+    let observe = |r: UpstreamResult| {
+        if let Some(m) = &shared.metrics {
+            m.upstream(r, started.elapsed());
+        }
+    };
+    match result {
+        Ok(Ok(response)) => {
+            observe(UpstreamResult::Response);
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers, false);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Ok(Err(e)) => match classify(&e) {
+            Failure::NotSent => {
+                observe(UpstreamResult::Unreachable);
+                tracing::warn!(error = %error_chain(&e), "upstream unreachable; request not sent");
+                problem(
+                    ProblemKind::UpstreamUnreachable,
+                    StatusCode::BAD_GATEWAY,
+                    OutcomeHint::NotSent,
+                )
+            }
+            Failure::NoResponse => {
+                observe(UpstreamResult::NoResponse);
+                tracing::warn!(error = %error_chain(&e), "upstream sent no response head; outcome unknown");
+                problem(
+                    ProblemKind::OutcomeUnknown,
+                    StatusCode::BAD_GATEWAY,
+                    OutcomeHint::NoResponse,
+                )
+            }
+        },
+        Err(_) => {
+            observe(UpstreamResult::Timeout);
+            tracing::warn!(
+                timeout = %crate::units::format_duration(timeout),
+                "no upstream response head in time; outcome unknown"
+            );
+            problem(
+                ProblemKind::OutcomeUnknown,
+                StatusCode::GATEWAY_TIMEOUT,
+                OutcomeHint::NoResponse,
+            )
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn head(req: http::request::Builder) -> http::request::Parts {
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn rewrites_uri_and_forwarded_headers() {
+        let mut parts = head(
+            Request::post("/v1/pay?x=1")
+                .header("host", "api.example.com")
+                .header("connection", "keep-alive, x-secret-hop")
+                .header("x-secret-hop", "1")
+                .header("keep-alive", "timeout=5")
+                .header("upgrade", "h2c")
+                .header("proxy-authorization", "Basic abc")
+                .header("te", "trailers")
+                .header("x-forwarded-for", "203.0.113.7")
+                .header("authorization", "Bearer keep-me"),
+        );
+        let scheme = http::uri::Scheme::HTTP;
+        let authority: http::uri::Authority = "127.0.0.1:3000".parse().unwrap();
+        prepare_head(
+            &mut parts,
+            &scheme,
+            &authority,
+            "/base",
+            Some("10.1.2.3:5555".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(parts.uri, "http://127.0.0.1:3000/base/v1/pay?x=1");
+        let h = &parts.headers;
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "upgrade",
+            "proxy-authorization",
+            "host",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} forwarded");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["authorization"], "Bearer keep-me");
+        assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn te_other_than_trailers_is_dropped_and_responses_lose_hop_headers() {
+        let mut parts = head(Request::get("/").header("te", "gzip"));
+        prepare_head(
+            &mut parts,
+            &http::uri::Scheme::HTTPS,
+            &"up.example:443".parse().unwrap(),
+            "",
+            None,
+        )
+        .unwrap();
+        assert!(parts.headers.get("te").is_none());
+        assert!(parts.headers.get("x-forwarded-for").is_none());
+        assert_eq!(parts.uri, "https://up.example:443/");
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    fn forwarder(upstream: &str, hard: Duration) -> Forwarder<Full<Bytes>> {
+        Forwarder::new(
+            ForwardConfig {
+                upstream: upstream.parse().unwrap(),
+                hard_timeout: hard,
+                soft_timeout: hard,
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    async fn call(f: &mut Forwarder<Full<Bytes>>) -> Response<ForwardBody> {
+        let mut req = Request::post("/charge")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        req.extensions_mut().insert(MayProtect);
+        f.call(req).await.unwrap()
+    }
+
+    async fn problem_type(r: Response<ForwardBody>) -> String {
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["type"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_not_sent() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut f = forwarder(&format!("http://127.0.0.1:{port}"), Duration::from_secs(5));
+        let r = call(&mut f).await;
+        assert_eq!(r.status(), 502);
+        assert_eq!(
+            r.extensions().get::<OutcomeHint>(),
+            Some(&OutcomeHint::NotSent)
+        );
+        assert!(problem_type(r).await.ends_with("/upstream-unreachable"));
+    }
+
+    #[tokio::test]
+    async fn eof_before_the_head_is_no_response() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            // Read the request, then hang up without a response.
+            for _ in 0..4 {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                drop(s);
+            }
+        });
+        let mut f = forwarder(&format!("http://{addr}"), Duration::from_secs(5));
+        let r = call(&mut f).await;
+        assert_eq!(r.status(), 502);
+        assert_eq!(
+            r.extensions().get::<OutcomeHint>(),
+            Some(&OutcomeHint::NoResponse)
+        );
+        assert!(problem_type(r).await.ends_with("/outcome-unknown"));
+    }
+
+    #[tokio::test]
+    async fn no_head_by_the_hard_timeout_is_504_no_response() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        });
+        let mut f = forwarder(&format!("http://{addr}"), Duration::from_millis(300));
+        let r = call(&mut f).await;
+        assert_eq!(r.status(), 504);
+        assert_eq!(
+            r.extensions().get::<OutcomeHint>(),
+            Some(&OutcomeHint::NoResponse)
+        );
+        assert!(problem_type(r).await.ends_with("/outcome-unknown"));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn responses_stream_back_with_their_headers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let echo = req
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("host:"))
+                .unwrap_or("")
+                .to_owned();
+            let body = echo.clone();
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 201 Created\r\ncontent-length: {}\r\nconnection: close\r\nx-up: 1\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        });
+        let mut f = forwarder(&format!("http://{addr}"), Duration::from_secs(5));
+        let r = call(&mut f).await;
+        assert_eq!(r.status(), 201);
+        assert!(r.extensions().get::<OutcomeHint>().is_none());
+        assert_eq!(r.headers()["x-up"], "1");
+        assert!(r.headers().get("connection").is_none());
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("host: {addr}").as_bytes());
+    }
+}

@@ -1,0 +1,385 @@
+//! `idemgate serve`: the proxy and admin listeners, and graceful shutdown (SPEC §5).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use idemgate::IdempotencyLayer;
+use idemgate::key::{IDEMPOTENCY_KEY, KeyRules};
+use idemgate::layer::{Idempotency, RequestBody};
+use idemgate::policy::Policy;
+use idemgate::scope::MissingScope;
+use idemgate::store::Store;
+use tokio::net::TcpListener;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, RouteSettings, ScopeSpec};
+use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect};
+use crate::metrics::Metrics;
+use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
+use crate::store::Tracked;
+
+/// `max_lease_hold` is the hard timeout plus this: renewal stops only after the forwarder has
+/// itself given up on the response head and the body had a moment to finish.
+pub const LEASE_HOLD_MARGIN: Duration = Duration::from_secs(5);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot work (exit 64).
+    #[error("{0}")]
+    Config(String),
+    /// Something outside the configuration failed (store unreachable, address in use).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The layer's policy for a route's settings.
+pub fn policy(settings: &RouteSettings, config: &Config) -> Policy {
+    Policy {
+        require_key: settings.require_key,
+        key: KeyRules {
+            strict: settings.strict_keys,
+            ..KeyRules::default()
+        },
+        on_missing_scope: settings.on_missing_scope,
+        ttl: settings.ttl,
+        lease: settings.lease,
+        max_lease_hold: config.upstream_hard_timeout + LEASE_HOLD_MARGIN,
+        client_deadline: Some(config.upstream_timeout),
+        fingerprint: settings.fingerprint.clone(),
+        release_statuses: settings.release_statuses.clone(),
+        on_lease_expiry: settings.on_lease_expiry,
+        ambiguous: settings.ambiguous,
+        concurrency: settings.concurrency,
+        max_request_body: settings.max_request_body,
+        max_stored_response: usize::try_from(settings.max_stored_response).unwrap_or(usize::MAX),
+        fail_open: settings.fail_open,
+        ..Policy::default()
+    }
+}
+
+/// Builds the route table from the configuration.
+pub fn route_table(config: &Config) -> Result<Arc<RouteTable>, StartError> {
+    let global = crate::scope::resolver(&config.scope, config.scope_explicit, &config.jwt)
+        .map_err(StartError::Config)?;
+    let mut entries = Vec::with_capacity(config.routes.len());
+    for r in &config.routes {
+        let scope = match &r.settings.scope {
+            Some(s) => {
+                Some(crate::scope::resolver(s, true, &config.jwt).map_err(StartError::Config)?)
+            }
+            None => None,
+        };
+        entries.push(RouteEntry {
+            path: r.path.clone(),
+            methods: r.methods.clone(),
+            target: RouteTarget {
+                policy: r.protect.then(|| Arc::new(policy(&r.settings, config))),
+                scope,
+            },
+        });
+    }
+    Ok(Arc::new(RouteTable::new(
+        entries,
+        Arc::new(policy(&config.defaults, config)),
+        global,
+    )))
+}
+
+type Proxy = Idempotency<Forwarder<RequestBody<Incoming>>>;
+
+/// A bound, ready server: its listeners are open and its store is open.
+pub struct Server {
+    config: Config,
+    listener: TcpListener,
+    addr: SocketAddr,
+    admin: Option<(TcpListener, SocketAddr)>,
+    proxy: Proxy,
+    layer: IdempotencyLayer,
+    routes: Arc<RouteTable>,
+    tracked: Arc<Tracked>,
+    metrics: Arc<Metrics>,
+    admin_token: Option<Arc<str>>,
+}
+
+impl Server {
+    /// Opens the store, builds the proxy and binds both listeners.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        crate::store::available(&config.store).map_err(StartError::Config)?;
+        let routes = route_table(&config)?;
+        let admin_token = match &config.admin_token_file {
+            Some(path) => {
+                let t = std::fs::read_to_string(path).map_err(|e| {
+                    StartError::Config(format!(
+                        "cannot read admin token file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let t = t.trim();
+                if t.is_empty() {
+                    return Err(StartError::Config(format!(
+                        "admin token file {} is empty",
+                        path.display()
+                    )));
+                }
+                Some(Arc::from(t))
+            }
+            None => None,
+        };
+        let raw = crate::store::open(&config.store)
+            .await
+            .map_err(StartError::Runtime)?;
+        let tracked = Arc::new(Tracked::new(raw, Some(metrics.clone())));
+        let layer = IdempotencyLayer::builder(tracked.clone() as Arc<dyn Store>)
+            .policy(SharedRoutes(routes.clone()))
+            .scope(SharedRoutes(routes.clone()))
+            .observer(metrics.clone())
+            .build();
+        let forwarder = Forwarder::new(
+            ForwardConfig {
+                upstream: config.upstream.clone(),
+                hard_timeout: config.upstream_hard_timeout,
+                soft_timeout: config.upstream_timeout,
+            },
+            Some(metrics.clone()),
+        )
+        .map_err(StartError::Config)?;
+        let proxy = layer.layer(forwarder);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| StartError::Runtime(format!("cannot listen on {}: {e}", config.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        let admin = match config.admin_listen {
+            None => None,
+            Some(a) => {
+                let l = TcpListener::bind(a).await.map_err(|e| {
+                    StartError::Runtime(format!("cannot listen on {a} (admin): {e}"))
+                })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|e| StartError::Runtime(e.to_string()))?;
+                Some((l, bound))
+            }
+        };
+        Ok(Server {
+            config,
+            listener,
+            addr,
+            admin,
+            proxy,
+            layer,
+            routes,
+            tracked,
+            metrics,
+            admin_token,
+        })
+    }
+
+    /// The proxy's bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, a)| *a)
+    }
+
+    /// Logs the addresses and the guarantees in force.
+    pub fn log_startup(&self, warnings: &[String]) {
+        let c = &self.config;
+        tracing::info!("listening on {}", self.addr);
+        if let Some(a) = self.admin_addr() {
+            tracing::info!(
+                token_required = self.admin_token.is_some(),
+                "admin listening on {a}"
+            );
+        }
+        tracing::info!(
+            upstream = %c.upstream,
+            store = %c.store.display(),
+            store_kind = self.tracked.kind(),
+            scope = %c.scope.display(),
+            routes = c.routes.len(),
+            "guarantees: POST/PATCH with an Idempotency-Key execute at most once per scope; \
+             retries within {} get the stored outcome",
+            crate::units::format_duration(c.defaults.ttl)
+        );
+        if matches!(c.scope, ScopeSpec::Header(_)) {
+            tracing::warn!(
+                "scope by a client-visible header: the edge in front MUST strip it from client requests"
+            );
+        }
+        if c.defaults.on_missing_scope == MissingScope::Anonymous {
+            tracing::info!(
+                "requests without credentials use the shared anonymous scope (on-missing-scope = anonymous)"
+            );
+        }
+        if c.defaults.fail_open {
+            tracing::warn!("fail-open: when the store fails, requests are forwarded UNPROTECTED");
+        }
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully (SPEC §5): stop accepting,
+    /// let in-flight requests finish within `shutdown-grace`, then record what is still
+    /// unfinished as outcome-unknown.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let Server {
+            config,
+            listener,
+            admin,
+            proxy,
+            layer,
+            routes,
+            tracked,
+            metrics,
+            admin_token,
+            ..
+        } = self;
+
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = admin.map(|(l, _)| {
+            let app = admin::router(AdminState {
+                store: tracked.clone() as Arc<dyn Store>,
+                metrics: metrics.clone(),
+                token: admin_token,
+            });
+            tokio::spawn(async move {
+                let served = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = admin_stopped.await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            })
+        });
+
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = proxy.clone();
+            let routes = routes.clone();
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let (mut parts, body) = request.into_parts();
+                parts.extensions.insert(ClientAddr(peer));
+                if parts.headers.contains_key(IDEMPOTENCY_KEY)
+                    && routes.policy_for(&parts).is_some()
+                {
+                    parts.extensions.insert(MayProtect);
+                }
+                let mut proxy = proxy.clone();
+                async move {
+                    let r: Result<_, Infallible> =
+                        proxy.call(Request::from_parts(parts, body)).await;
+                    r
+                }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        let grace = config.shutdown_grace;
+        tracing::info!(
+            grace = %crate::units::format_duration(grace),
+            in_flight = metrics.in_flight_now(),
+            "shutting down: no new connections; waiting for in-flight requests"
+        );
+        let deadline = tokio::time::Instant::now() + grace;
+        let drained = tokio::time::timeout_at(deadline, graceful.shutdown())
+            .await
+            .is_ok();
+        // Connections are done; attempts the layer owns may still run (a client that got 504
+        // outcome-pending), and outcomes may still be on their way into the store.
+        loop {
+            let busy = tracked.unfinished() > 0 || layer.pending_finishes() > 0;
+            if !busy || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !drained {
+            tracing::warn!("shutdown grace over with connections still open; closing them");
+        }
+        let unfinished = tracked.unfinished();
+        if unfinished > 0 {
+            let written = tracked.write_off().await;
+            tracing::warn!(
+                unfinished,
+                written,
+                "shutdown: unfinished requests recorded as outcome-unknown"
+            );
+        }
+        let _ = admin_stop.send(());
+        if let Some(task) = admin_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        drop(proxy);
+        drop(layer);
+        drop(tracked);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves at SIGTERM or SIGINT.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

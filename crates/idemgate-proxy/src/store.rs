@@ -1,0 +1,257 @@
+//! Opening the configured store, and the wrapper that remembers which records this process
+//! holds, so that shutdown can write the unfinished ones as outcome-unknown (SPEC §5).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use idemgate::record::{Outcome, Record, RecordId, StoredProblemKind, Timestamp, Token};
+use idemgate::store::{
+    Acquire, AcquireRequest, Completion, Deletion, Release, Renewal, Resolution, Resolved, Store,
+    StoreError, Watch,
+};
+
+use crate::config::StoreSpec;
+use crate::metrics::Metrics;
+
+/// Whether this build can open the store a spec names (checked with the rest of the config, so
+/// an unavailable backend is a configuration error, exit 64).
+pub fn available(spec: &StoreSpec) -> Result<(), String> {
+    match spec {
+        StoreSpec::Memory => Ok(()),
+        StoreSpec::File(_) if !cfg!(feature = "embedded") => Err(
+            "the embedded (file:) store is not available in this build (feature `embedded`)".into(),
+        ),
+        StoreSpec::Redis(_) if !cfg!(feature = "redis") => {
+            Err("the Redis store is not available in this build (feature `redis`)".into())
+        }
+        StoreSpec::Postgres(_) if !cfg!(feature = "postgres") => Err(POSTGRES_MISSING.into()),
+        _ => Ok(()),
+    }
+}
+
+const POSTGRES_MISSING: &str =
+    "the PostgreSQL store is not available in this build (feature `postgres`)";
+
+/// Opens the store a spec names.
+pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, String> {
+    match spec {
+        StoreSpec::Memory => open_memory(),
+        StoreSpec::File(path) => open_file(path).await,
+        StoreSpec::Redis(url) => open_redis(url).await,
+        StoreSpec::Postgres(url) => open_postgres(url).await,
+    }
+}
+
+fn open_memory() -> Result<Arc<dyn Store>, String> {
+    Ok(Arc::new(idemgate::store::MemoryStore::builder().build()))
+}
+
+#[cfg(feature = "embedded")]
+async fn open_file(path: &std::path::Path) -> Result<Arc<dyn Store>, String> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let builder = idemgate_store_embedded::EmbeddedStore::builder(path.to_owned());
+    let store = tokio::task::spawn_blocking(move || builder.open())
+        .await
+        .map_err(|e| format!("opening the embedded store failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let report = store.open_report();
+    tracing::info!(
+        path = %path.display(),
+        epoch = report.epoch,
+        converted_leases = report.converted_leases,
+        repaired = report.repaired,
+        took_ms = report.duration.as_millis() as u64,
+        "embedded store open"
+    );
+    if report.converted_leases > 0 {
+        tracing::warn!(
+            count = report.converted_leases,
+            "requests in flight when the previous process stopped are now outcome-unknown"
+        );
+    }
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "embedded"))]
+async fn open_file(_path: &std::path::Path) -> Result<Arc<dyn Store>, String> {
+    Err("the embedded (file:) store is not available in this build (feature `embedded`)".into())
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis(url: &str) -> Result<Arc<dyn Store>, String> {
+    let store = idemgate_store_redis::RedisStore::builder(url)
+        .connect()
+        .await
+        .map_err(|e| format!("redis store {}: {e}", crate::config::redact(url)))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis(_url: &str) -> Result<Arc<dyn Store>, String> {
+    Err("the Redis store is not available in this build (feature `redis`)".into())
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, String> {
+    let store = idemgate_store_postgres::PostgresStore::builder(url)
+        .connect()
+        .await
+        .map_err(|e| format!("postgres store {}: {e}", crate::config::redact(url)))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>, String> {
+    Err(POSTGRES_MISSING.into())
+}
+
+/// A store wrapper that remembers the records this process acquired and has not finished.
+///
+/// At shutdown, once the grace period is over, [`Tracked::write_off`] completes each with the
+/// outcome-unknown problem under its own token: a retry then gets 502 outcome-unknown at once
+/// instead of waiting for the lease to lapse, and the attempt, if it still finishes in the last
+/// moments, replaces the placeholder with its real outcome (its token wrote it).
+pub struct Tracked {
+    inner: Arc<dyn Store>,
+    /// (record, token) → the retention an outcome-unknown placeholder gets.
+    held: Mutex<HashMap<(RecordId, Token), Duration>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Tracked {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Store>, metrics: Option<Arc<Metrics>>) -> Self {
+        Tracked {
+            inner,
+            held: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(RecordId, Token), Duration>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removes), so a poisoned lock is still usable.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many acquired records are unfinished.
+    pub fn unfinished(&self) -> usize {
+        self.held().len()
+    }
+
+    /// Completes every unfinished record as outcome-unknown; returns how many were written.
+    pub async fn write_off(&self) -> usize {
+        let held: Vec<((RecordId, Token), Duration)> = self.held().drain().collect();
+        let mut written = 0;
+        for ((id, token), ttl) in held {
+            let outcome = Outcome::Problem {
+                kind: StoredProblemKind::OutcomeUnknown,
+                status: 502,
+            };
+            match self.inner.complete(&id, token, &outcome, ttl).await {
+                Ok(Completion::Stored) => {
+                    written += 1;
+                    tracing::warn!(record_id = %id, "shutdown: unfinished request recorded as outcome-unknown");
+                }
+                Ok(Completion::Refused) => {
+                    tracing::warn!(record_id = %id, "shutdown: record already owned by another attempt");
+                }
+                Err(e) => tracing::error!(
+                    record_id = %id,
+                    error = %e,
+                    "shutdown: could not record outcome-unknown; the lease rules will"
+                ),
+            }
+        }
+        written
+    }
+}
+
+#[async_trait]
+impl Store for Tracked {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Acquire, StoreError> {
+        let answer = self.inner.acquire(req).await?;
+        match &answer {
+            Acquire::Acquired { .. } => {
+                self.held().insert((req.id, req.token), req.retention);
+            }
+            Acquire::Completed(c) if c.outcome.is_outcome_unknown() => {
+                // A placeholder written by this very call expires a full retention from now;
+                // an older one has less left.
+                let fresh = Timestamp::now()
+                    .after(req.retention)
+                    .0
+                    .saturating_sub(c.expires_at.0)
+                    < 2_000;
+                if fresh
+                    && c.origin_token != req.token
+                    && let Some(m) = &self.metrics
+                {
+                    m.lease_takeover();
+                }
+            }
+            _ => {}
+        }
+        Ok(answer)
+    }
+
+    async fn renew(
+        &self,
+        id: &RecordId,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError> {
+        self.inner.renew(id, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        token: Token,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        let r = self.inner.complete(id, token, outcome, ttl).await?;
+        self.held().remove(&(*id, token));
+        Ok(r)
+    }
+
+    async fn release(&self, id: &RecordId, token: Token) -> Result<Release, StoreError> {
+        let r = self.inner.release(id, token).await?;
+        self.held().remove(&(*id, token));
+        Ok(r)
+    }
+
+    async fn get(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        self.inner.get(id).await
+    }
+
+    async fn delete(&self, id: &RecordId, force: bool) -> Result<Deletion, StoreError> {
+        self.inner.delete(id, force).await
+    }
+
+    async fn resolve(&self, id: &RecordId, resolution: Resolution) -> Result<Resolved, StoreError> {
+        self.inner.resolve(id, resolution).await
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.inner.purge_expired().await
+    }
+
+    async fn watch(&self, id: &RecordId, max_waiters: usize) -> Result<Option<Watch>, StoreError> {
+        self.inner.watch(id, max_waiters).await
+    }
+
+    async fn readiness(&self) -> Result<(), StoreError> {
+        self.inner.readiness().await
+    }
+}
