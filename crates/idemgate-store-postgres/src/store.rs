@@ -303,11 +303,10 @@ impl PostgresStoreBuilder {
         }
         if self.server_side_timeout {
             let ms = self.statement_timeout.as_millis().max(1);
-            opts = opts.options([
-                ("statement_timeout", ms.to_string()),
-                // A session that died mid-transaction must not hold row locks for long.
-                ("idle_in_transaction_session_timeout", (ms * 2).to_string()),
-            ]);
+            // Only statement_timeout: the store's own statements are single autocommit
+            // statements, and an application borrowing `pool()` for its transactions should
+            // not find an idle-in-transaction limit it did not ask for.
+            opts = opts.options([("statement_timeout", ms.to_string())]);
         }
         if let Some(n) = self.statement_cache_capacity {
             opts = opts.statement_cache_capacity(n);
