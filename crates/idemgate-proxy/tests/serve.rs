@@ -616,3 +616,102 @@ async fn admin_endpoints_answer_and_delete_a_key() {
     assert!(!again.replayed(), "a deleted key was replayed");
     assert_eq!(up.executions("admin-1"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_with_different_credentials_never_share_a_key() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+    let alice = || {
+        Req::post("/orders")
+            .key("shared-key")
+            .header("authorization", "Bearer sk_alice")
+    };
+    let bob = || {
+        Req::post("/orders")
+            .key("shared-key")
+            .header("authorization", "Bearer sk_bob")
+    };
+    let a1 = client.send(alice()).await;
+    let b1 = client.send(bob()).await;
+    assert!(!a1.replayed() && !b1.replayed(), "{}", b1.summary());
+    assert_ne!(a1.body, b1.body);
+    // Bob reusing his own key for another body is a mismatch within his scope only.
+    let b2 = client.send(bob().body(&b"{\"amount\":5}"[..])).await;
+    assert_problem(&b2, 422, "key-reused");
+    let a2 = client.send(alice()).await;
+    assert!(a2.replayed());
+    assert_eq!(a2.body, a1.body, "alice got another caller's outcome");
+    assert_eq!(up.executions("shared-key"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_scope_under_reject_is_400() {
+    let up = Upstream::start().await;
+    let (_proxy, client) = proxy_for(&up.url(), &["--on-missing-scope", "reject"]).await;
+    let r = client.send(Req::post("/orders").key("noscope-1")).await;
+    assert_problem(&r, 400, "scope-missing");
+    assert_eq!(up.total(), 0);
+    let r = client
+        .send(
+            Req::post("/orders")
+                .key("noscope-1")
+                .header("authorization", "Bearer sk_1"),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+}
+
+/// An operator settles an outcome-unknown record with `idemgate keys resolve`; retries then
+/// get the given response instead of the problem, still without executing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cli_shows_and_resolves_an_outcome_unknown_record() {
+    let up = FaultUpstream::start(Fault::CloseAfterRequest).await;
+    let (proxy, client) = proxy_for(&up.url(), &[]).await;
+    let first = client.send(Req::post("/orders").key("settle-1")).await;
+    assert_problem(&first, 502, "outcome-unknown");
+
+    let admin = format!("http://{}", proxy.admin());
+    let keys = move |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            support::run_idemgate(&args, &[], Duration::from_secs(10))
+        })
+    };
+    let a = |v: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = vec!["keys".into()];
+        out.extend(v.iter().map(|s| s.to_string()));
+        out.extend(["--admin".to_owned(), admin.clone()]);
+        out
+    };
+    let shown = keys(a(&["show", "--key", "settle-1"])).await.expect("join");
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    assert!(
+        shown.stdout.contains("outcome-unknown") || shown.stdout.contains("outcome_unknown"),
+        "{shown:?}"
+    );
+    let missing = keys(a(&["show", "--key", "never-used"]))
+        .await
+        .expect("join");
+    assert_eq!(missing.code, Some(3), "{missing:?}");
+
+    let resolved = keys(a(&[
+        "resolve",
+        "--key",
+        "settle-1",
+        "--status",
+        "201",
+        "--body",
+        "{\"settled\":true}",
+        "--header",
+        "content-type: application/json",
+    ]))
+    .await
+    .expect("join");
+    assert_eq!(resolved.code, Some(0), "{resolved:?}");
+
+    let retry = client.send(Req::post("/orders").key("settle-1")).await;
+    assert_eq!(retry.status, 201, "{}", retry.summary());
+    assert_eq!(&retry.body[..], b"{\"settled\":true}");
+    assert!(retry.replayed());
+    assert_eq!(up.requests(), 1, "settling re-executed the request");
+}
