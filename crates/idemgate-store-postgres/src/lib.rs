@@ -53,6 +53,9 @@
 //! before `connect` returns, feeding an in-process [`WatchHub`](idemgate::store::WatchHub);
 //! waiters hold no connection. After the LISTEN connection is lost and re-established every
 //! waiter is woken to re-read its record.
+//! A LISTEN connection that dies without the socket noticing (a silent network partition)
+//! delivers nothing until TCP gives up; waiters then still re-check at the lease's end (set
+//! `tcp_keepalives_idle` on the server to bound it).
 //!
 //! # Failure behaviour
 //!
