@@ -59,7 +59,10 @@ pub(crate) enum Conn {
 
 /// Timeouts and push delivery for [`Conn::open`].
 pub(crate) struct ConnOptions<F> {
+    /// Bounds connecting.
     pub(crate) timeout: Duration,
+    /// Bounds one request (longer than `timeout` when writes carry a `WAIT`).
+    pub(crate) response_timeout: Duration,
     /// Set for the wait-mode subscriber: RESP3 and a push sink.
     pub(crate) push: Option<F>,
 }
@@ -85,7 +88,7 @@ impl Conn {
                 // next operation tries again.
                 let mut config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(opts.timeout))
-                    .set_response_timeout(Some(opts.timeout))
+                    .set_response_timeout(Some(opts.response_timeout))
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_millis(200));
@@ -102,7 +105,7 @@ impl Conn {
             Target::Cluster(nodes) => {
                 let mut builder = ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(opts.timeout)
-                    .response_timeout(opts.timeout)
+                    .response_timeout(opts.response_timeout)
                     .retries(2)
                     .min_retry_wait(20)
                     .max_retry_wait(200);

@@ -61,7 +61,8 @@ impl RedisStoreBuilder {
 
     /// After every write, `WAIT replicas timeout` in the same round trip; fewer acknowledgements
     /// make the operation return [`StoreError::Timeout`] with `maybe_applied: true` (the write
-    /// happened on the primary but may be lost on failover).
+    /// happened on the primary but may be lost on failover). Writes are then bounded by the
+    /// operation timeout plus `timeout`. Operations that write nothing (a replay) do not wait.
     pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait_replicas = Some((replicas, timeout));
         self
@@ -75,6 +76,7 @@ impl RedisStoreBuilder {
             &target,
             ConnOptions::<fn(redis::PushInfo)> {
                 timeout: self.timeout,
+                response_timeout: self.timeout + self.wait_replicas.map_or(Duration::ZERO, |w| w.1),
                 push: None,
             },
         );
@@ -210,7 +212,12 @@ impl RedisStore {
     ) -> Result<(Vec<Vec<u8>>, Option<i64>), StoreError> {
         let key = self.key(id);
         let fut = self.run_untimed(lua, &key, &args, kind);
-        match tokio::time::timeout(self.inner.timeout, fut).await {
+        // A write that waits for replicas may take the WAIT timeout on top of the round trip.
+        let bound = match (kind, self.inner.wait_replicas) {
+            (Kind::Write, Some((_, wait))) => self.inner.timeout + wait,
+            _ => self.inner.timeout,
+        };
+        match tokio::time::timeout(bound, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout {
                 maybe_applied: kind == Kind::Write,

@@ -89,6 +89,7 @@ impl Subscriber {
                     &self.target,
                     ConnOptions {
                         timeout: self.timeout,
+                        response_timeout: self.timeout,
                         push: Some(move |info: PushInfo| {
                             let _ = tx.send(info);
                         }),

@@ -651,6 +651,12 @@ async fn wait_replicas_missing_acks_is_maybe_applied_timeout() {
         assert!(Instant::now() < deadline, "replica did not sync");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A WAIT bound a loaded machine meets (the first one failed fast on purpose).
+    let store = RedisStore::builder(primary.url())
+        .wait_replicas(1, Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
     let t = Token::random();
     assert!(matches!(
         store.acquire(req(id(61), 1, t, LEASE)).await.unwrap(),
