@@ -782,3 +782,50 @@ async fn rediss_uses_rustls_and_fails_cleanly_on_a_plain_server() {
         .await;
     assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
 }
+
+#[tokio::test]
+async fn cluster_node_killed_and_restarted() {
+    let mut c = RedisCluster::builder(3)
+        .config("appendonly yes")
+        .config("appendfsync always")
+        .start();
+    let store = RedisStore::builder(c.url())
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let ids: Vec<RecordId> = (100..112).map(id).collect();
+    for k in &ids {
+        let t = Token::random();
+        store.acquire(req(*k, 1, t, LEASE)).await.unwrap();
+        store.complete(k, t, &response(b"kept"), TTL).await.unwrap();
+    }
+    c.nodes_mut()[0].kill();
+    let mut failed = 0;
+    for k in &ids {
+        let started = Instant::now();
+        match store.acquire(req(*k, 1, Token::random(), LEASE)).await {
+            Ok(Acquire::Completed(_)) => {}
+            Err(StoreError::Unavailable(_) | StoreError::Timeout { .. }) => failed += 1,
+            other => panic!("with a node down: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(1500), "bounded");
+    }
+    assert!(failed > 0, "some of 12 ids live on the killed node");
+    c.nodes_mut()[0].restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for k in &ids {
+        loop {
+            match store.acquire(req(*k, 1, Token::random(), LEASE)).await {
+                Ok(Acquire::Completed(done)) => {
+                    assert_eq!(done.outcome, response(b"kept"));
+                    break;
+                }
+                other => {
+                    assert!(Instant::now() < deadline, "no recovery: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
