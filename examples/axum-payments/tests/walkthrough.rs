@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 /// Long enough that a duplicate sent right after the charge starts lands while it is in flight.
-const CHARGE_DELAY: Duration = Duration::from_millis(500);
+const CHARGE_DELAY: Duration = Duration::from_secs(1);
 
 const ALICE: &str = "Bearer sk_test_alice";
 const BOB: &str = "Bearer sk_test_bob";
