@@ -829,3 +829,37 @@ async fn cluster_node_killed_and_restarted() {
         }
     }
 }
+
+#[tokio::test]
+async fn readiness_checks_every_cluster_master() {
+    let c = RedisCluster::start(3);
+    let store = store_at(&c.url()).await;
+    store.readiness().await.unwrap();
+    c.nodes()[2].cli(&["config", "set", "maxmemory-policy", "allkeys-lru"]);
+    let err = store.readiness().await.unwrap_err();
+    assert!(err.to_string().contains("allkeys-lru"), "{err}");
+}
+
+#[tokio::test]
+async fn readiness_explains_a_missing_config_permission() {
+    let srv = RedisServer::start();
+    let out = srv.cli(&[
+        "acl", "setuser", "app", "on", ">pw", "~*", "&*", "+@all", "-config",
+    ]);
+    assert!(out.contains("OK"), "{out}");
+    let store = RedisStore::connect(format!("redis://app:pw@127.0.0.1:{}/", srv.port()))
+        .await
+        .unwrap();
+    // The user can work with records...
+    let t = Token::random();
+    assert!(matches!(
+        store.acquire(req(id(90), 1, t, LEASE)).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    // ...but readiness cannot verify the eviction policy, and says why.
+    let err = store.readiness().await.unwrap_err();
+    assert!(
+        err.to_string().contains("CONFIG GET is not permitted"),
+        "{err}"
+    );
+}
