@@ -90,6 +90,9 @@ pub enum Fault {
     TimeoutAfter,
     /// Sleep, then let the inner store answer.
     Delay(Duration),
+    /// Let the inner store apply the operation, then sleep before answering (a slow reply to a
+    /// request that already took effect: the caller may give up while it is applied).
+    DelayAfter(Duration),
 }
 
 /// Per-call probabilities of each fault for one operation kind (the rest passes). Delays are
@@ -257,7 +260,7 @@ impl<S: Store> FaultyStore<S> {
             Fault::UnavailableBefore => c.unavailable_before += 1,
             Fault::TimeoutBefore => c.timeout_before += 1,
             Fault::TimeoutAfter => c.timeout_after += 1,
-            Fault::Delay(_) => c.delayed += 1,
+            Fault::Delay(_) | Fault::DelayAfter(_) => c.delayed += 1,
         }
         fault
     }
@@ -284,6 +287,11 @@ impl<S: Store> FaultyStore<S> {
             Fault::Delay(d) => {
                 tokio::time::sleep(d).await;
                 call.await
+            }
+            Fault::DelayAfter(d) => {
+                let answer = call.await;
+                tokio::time::sleep(d).await;
+                answer
             }
         }
     }

@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use idemgate::problem::{Problem, ProblemKind};
-//! let response = Problem::new(ProblemKind::KeyReused).into_response();
+//! let response: http::Response<bytes::Bytes> = Problem::new(ProblemKind::KeyReused).into_response();
 //! assert_eq!(response.status(), 422);
 //! assert_eq!(response.headers()["content-type"], "application/problem+json");
 //! assert_eq!(response.extensions().get::<ProblemKind>(), Some(&ProblemKind::KeyReused));

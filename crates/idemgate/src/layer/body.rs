@@ -6,7 +6,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, mpsc};
 
 /// The error type of idemgate's bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -88,6 +91,13 @@ where
     }
 }
 
+/// How many streamed bytes wait for the client, so the attempt can tell a slow reader.
+#[derive(Default)]
+pub(crate) struct ClientFlow {
+    pub(crate) pending: AtomicUsize,
+    pub(crate) drained: Notify,
+}
+
 /// The body the client receives from the layer.
 pub struct ResponseBody {
     kind: Kind,
@@ -97,7 +107,10 @@ enum Kind {
     Full(Option<Bytes>),
     // Frames of a response that an idemgate-owned task drives to the end; the client reads them
     // here while the task stores them, and the task goes on if this receiver is dropped.
-    Channel(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>),
+    Channel(
+        mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>,
+        Arc<ClientFlow>,
+    ),
     Inner(UnsyncBoxBody<Bytes, BoxError>),
 }
 
@@ -116,9 +129,12 @@ impl ResponseBody {
         }
     }
 
-    pub(crate) fn channel(rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Self {
+    pub(crate) fn channel(
+        rx: mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>,
+        flow: Arc<ClientFlow>,
+    ) -> Self {
         ResponseBody {
-            kind: Kind::Channel(rx),
+            kind: Kind::Channel(rx, flow),
         }
     }
 
@@ -151,7 +167,7 @@ impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.kind {
             Kind::Full(_) => "full",
-            Kind::Channel(_) => "channel",
+            Kind::Channel(..) => "channel",
             Kind::Inner(_) => "inner",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
@@ -168,7 +184,16 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Channel(rx) => rx.poll_recv(cx),
+            Kind::Channel(rx, flow) => {
+                let polled = rx.poll_recv(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    flow.pending.fetch_sub(data.len(), Ordering::AcqRel);
+                    flow.drained.notify_one();
+                }
+                polled
+            }
             Kind::Inner(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -176,7 +201,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Channel(_) => false,
+            Kind::Channel(..) => false,
             Kind::Inner(body) => body.is_end_stream(),
         }
     }
@@ -184,7 +209,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Channel(_) => SizeHint::default(),
+            Kind::Channel(..) => SizeHint::default(),
             Kind::Inner(body) => body.size_hint(),
         }
     }

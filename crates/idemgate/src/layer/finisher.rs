@@ -47,6 +47,24 @@ impl Finisher {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Queues the release of a key that may have been acquired by an attempt that never ran.
+    /// These may use only half of the queue, so a store brownout full of them cannot crowd out
+    /// the completes of requests that did run.
+    pub(crate) fn enqueue_speculative(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        observer: Arc<dyn Observer>,
+        id: RecordId,
+        token: Token,
+    ) -> bool {
+        if self.pending() >= self.capacity / 2 {
+            tracing::error!(record_id = %id, "finish queue half full: a possibly acquired key is not released and stays in flight until its lease lapses");
+            observer.abandoned_finish();
+            return false;
+        }
+        self.enqueue(store, observer, id, token, FinishOp::Release)
+    }
+
     /// Queues `op` for background retries; `false` (logged and counted) when the queue is full.
     pub(crate) fn enqueue(
         self: &Arc<Self>,

@@ -100,7 +100,7 @@ fn header_value<'a>(head: &'a ResponseHead, name: &str) -> Option<&'a Bytes> {
 }
 
 /// Builds what a retry gets for a stored outcome. `request_headers` are the retry's.
-pub(crate) fn replay(
+pub(crate) async fn replay(
     outcome: &Outcome,
     request_headers: &HeaderMap,
     policy: &Policy,
@@ -112,7 +112,7 @@ pub(crate) fn replay(
                 StatusCode::from_u16(head.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             restore_headers(head, response.headers_mut());
             let body =
-                decode_if_unacceptable(response.headers_mut(), body, request_headers, policy);
+                decode_if_unacceptable(response.headers_mut(), body, request_headers, policy).await;
             *response.body_mut() = ResponseBody::full(body);
             response
         }
@@ -153,7 +153,7 @@ pub(crate) fn replay(
 /// Decodes a stored body whose `Content-Encoding` the retry does not accept. A request without
 /// `Accept-Encoding` is served identity: clients that do not ask for a coding (curl without
 /// `--compressed`, most SDKs) usually cannot decode one.
-fn decode_if_unacceptable(
+async fn decode_if_unacceptable(
     headers: &mut HeaderMap,
     body: &Bytes,
     request_headers: &HeaderMap,
@@ -169,14 +169,26 @@ fn decode_if_unacceptable(
     if coding == "identity" || accepts(request_headers, &coding) {
         return body.clone();
     }
-    match decode(&coding, body, policy.max_decoded_replay) {
+    let limit = policy.max_decoded_replay;
+    let decoded = if body.len() <= INLINE_DECODE {
+        decode(&coding, body, limit)
+    } else {
+        // Inflating a large body would hold an executor thread for milliseconds.
+        let (coding, body) = (coding.clone(), body.clone());
+        tokio::task::spawn_blocking(move || decode(&coding, &body, limit))
+            .await
+            .ok()
+            .flatten()
+    };
+    match decoded {
         Some(decoded) => {
             headers.remove(header::CONTENT_ENCODING);
             // A strong validator names the encoded representation; a decoded one is different.
-            if let Some(etag) = headers.get(header::ETAG) {
-                if !etag.as_bytes().starts_with(b"W/") {
-                    headers.remove(header::ETAG);
-                }
+            if headers
+                .get(header::ETAG)
+                .is_some_and(|etag| !etag.as_bytes().starts_with(b"W/"))
+            {
+                headers.remove(header::ETAG);
             }
             decoded
         }
@@ -220,6 +232,9 @@ fn accepts(request_headers: &HeaderMap, coding: &str) -> bool {
     }
     any && star.unwrap_or(false)
 }
+
+/// Encoded bodies up to this size are decoded on the request's own task.
+const INLINE_DECODE: usize = 16 * 1024;
 
 fn decode(coding: &str, body: &[u8], limit: usize) -> Option<Bytes> {
     let mut out = Vec::new();

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, header, request::Parts};
+use http::{HeaderValue, Request, Response, StatusCode, header, request::Parts};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::attempt::{self, Attempt};
 use super::body::{BoxError, RequestBody, ResponseBody};
-use super::finisher::{FinishOp, Finisher};
+use super::finisher::Finisher;
 use super::replay;
 use crate::fingerprint::fingerprint;
 use crate::key::{KeyError, key_from_headers};
@@ -340,29 +340,46 @@ where
         retention: policy.ttl,
     };
 
-    // 4. Acquire, and act on the answer.
-    let answer = match acquire_answer(&shared, &acquire).await {
+    // 4. Acquire, and act on the answer. From the first try on, the guard releases the key if
+    //    this future is dropped (client gone, outer timeout) before an attempt task owns it.
+    let mut guard = AcquireGuard::new(&shared, &acquire);
+    let answer = match acquire_answer(&shared, &acquire, &mut guard).await {
         Ok(answer) => answer,
         Err(e) => return on_store_error(&shared, inner, parts, bytes, &policy, e).await,
     };
     let (answer, waited) = match (answer, policy.concurrency) {
         (Acquire::InFlight { lease_expires_at }, Concurrency::Wait { max }) => {
-            match wait_for_outcome(&shared, &acquire, &policy, lease_expires_at, max).await {
+            match wait_for_outcome(
+                &shared,
+                &acquire,
+                &policy,
+                lease_expires_at,
+                max,
+                &mut guard,
+            )
+            .await
+            {
                 Ok(answer) => (answer, true),
-                Err(e) => return on_store_error(&shared, inner, parts, bytes, &policy, e).await,
+                // Not fail-open: the duplicate is known to be in flight elsewhere.
+                Err(e) => return Ok(store_error_response(&shared, &e)),
             }
         }
         (answer, _) => (answer, false),
     };
+    if !matches!(answer, Acquire::Acquired { .. }) {
+        guard.disarm();
+    }
     Ok(match answer {
-        Acquire::Acquired { .. } => execute(shared, inner, parts, bytes, acquire, policy).await,
+        Acquire::Acquired { .. } => {
+            execute(shared, inner, parts, bytes, acquire, policy, guard).await
+        }
         Acquire::Completed(record) => {
             shared.observer.request(if waited {
                 RequestOutcome::WaitedReplay
             } else {
                 RequestOutcome::Replayed
             });
-            replay::replay(&record.outcome, &parts.headers, &policy)
+            replay::replay(&record.outcome, &parts.headers, &policy).await
         }
         Acquire::Mismatch => problem(
             &shared,
@@ -376,6 +393,46 @@ where
                 .with_retry_after(retry_after(lease_expires_at, policy.lease)),
         ),
     })
+}
+
+/// Releases, in the background, a key this request may have acquired but never handed to an
+/// attempt task: when the request future is dropped mid-acquire, or when the acquire failed
+/// after it may have been applied. Without it the record would sit in flight until its lease
+/// lapsed, which single-process stores never judge while the process lives.
+pub(crate) struct AcquireGuard {
+    shared: Arc<Shared>,
+    id: crate::record::RecordId,
+    token: Token,
+    armed: bool,
+}
+
+impl AcquireGuard {
+    fn new(shared: &Arc<Shared>, req: &AcquireRequest) -> Self {
+        AcquireGuard {
+            shared: shared.clone(),
+            id: req.id,
+            token: req.token,
+            armed: true,
+        }
+    }
+
+    /// The store holds nothing of this attempt, or a task owns it now.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AcquireGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.finisher.enqueue_speculative(
+                self.shared.store.clone(),
+                self.shared.observer.clone(),
+                self.id,
+                self.token,
+            );
+        }
+    }
 }
 
 /// Seconds until the holder's next renewal (it renews every third of the lease), at least 1.
@@ -436,7 +493,10 @@ where
             (None, _) => first = Some(data),
             (Some(f), None) => {
                 let mut buf =
-                    BytesMut::with_capacity(declared.map_or(f.len() + data.len(), |n| n as usize));
+                    // The declared length is the client's word: reserve at most 256 KiB up front.
+                    BytesMut::with_capacity(
+                        declared.map_or(f.len() + data.len(), |n| n as usize).min(256 * 1024),
+                    );
                 buf.extend_from_slice(f);
                 buf.extend_from_slice(&data);
                 rest = Some(buf);
@@ -483,21 +543,29 @@ where
     }
 }
 
-async fn acquire_answer(shared: &Arc<Shared>, req: &AcquireRequest) -> Result<Acquire, StoreError> {
-    let result = with_tries(shared, StoreOp::Acquire, || shared.store.acquire(*req)).await;
-    if let Err(StoreError::Timeout {
-        maybe_applied: true,
-    }) = &result
-    {
-        // The acquire may have landed with nobody to execute it: release it in the background
-        // so the key does not sit in flight until its lease lapses.
-        shared.finisher.enqueue(
-            shared.store.clone(),
-            shared.observer.clone(),
-            req.id,
-            req.token,
-            FinishOp::Release,
-        );
+/// `acquire`, tried with the same token while it fails retryably. The guard stays armed when
+/// an error leaves open whether any try was applied, so the key is released in the background.
+async fn acquire_answer(
+    shared: &Arc<Shared>,
+    req: &AcquireRequest,
+    guard: &mut AcquireGuard,
+) -> Result<Acquire, StoreError> {
+    let maybe_applied = std::sync::atomic::AtomicBool::new(false);
+    let result = with_tries(shared, StoreOp::Acquire, || async {
+        let r = shared.store.acquire(*req).await;
+        if matches!(
+            r,
+            Err(StoreError::Timeout {
+                maybe_applied: true
+            })
+        ) {
+            maybe_applied.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    })
+    .await;
+    if result.is_err() && !maybe_applied.load(std::sync::atomic::Ordering::Relaxed) {
+        guard.disarm();
     }
     result
 }
@@ -510,21 +578,32 @@ async fn wait_for_outcome(
     policy: &Policy,
     mut lease_expires_at: Timestamp,
     max: Duration,
+    guard: &mut AcquireGuard,
 ) -> Result<Acquire, StoreError> {
     let deadline = tokio::time::Instant::now() + max;
+    // A store error while waiting says nothing new about the key, which was seen in flight:
+    // the duplicate gets the 409 it would have got without waiting (an unreadable record
+    // still gets its 500).
+    let in_flight_on_error = |e: StoreError, lease_expires_at| match e {
+        StoreError::Corrupt(_) => Err(e),
+        _ => Ok(Acquire::InFlight { lease_expires_at }),
+    };
     loop {
-        let Some(mut watch) = shared
+        let mut watch = match shared
             .store
             .watch(&req.id, policy.max_waiters_per_key)
-            .await?
-        else {
-            return Ok(Acquire::InFlight { lease_expires_at });
+            .await
+        {
+            Ok(Some(watch)) => watch,
+            Ok(None) => return Ok(Acquire::InFlight { lease_expires_at }),
+            Err(e) => return in_flight_on_error(e, lease_expires_at),
         };
-        match acquire_answer(shared, req).await? {
-            Acquire::InFlight {
+        match acquire_answer(shared, req, guard).await {
+            Ok(Acquire::InFlight {
                 lease_expires_at: l,
-            } => lease_expires_at = l,
-            other => return Ok(other),
+            }) => lease_expires_at = l,
+            Ok(other) => return Ok(other),
+            Err(e) => return in_flight_on_error(e, lease_expires_at),
         }
         let recheck = tokio::time::Instant::now()
             + lease_expires_at.saturating_since(Timestamp::now())
@@ -536,9 +615,29 @@ async fn wait_for_outcome(
         }
         if tokio::time::Instant::now() >= deadline {
             // One last look, so an outcome that landed at the deadline is not a 409.
-            return acquire_answer(shared, req).await;
+            return match acquire_answer(shared, req, guard).await {
+                Ok(answer) => Ok(answer),
+                Err(e) => in_flight_on_error(e, lease_expires_at),
+            };
         }
     }
+}
+
+fn store_error_response(shared: &Shared, error: &StoreError) -> Response<ResponseBody> {
+    let p = match error {
+        StoreError::Corrupt(reason) => {
+            tracing::error!(%reason, "stored record unreadable; request not executed");
+            Problem::new(ProblemKind::RecordUnreadable)
+        }
+        StoreError::Full(_) => {
+            Problem::new(ProblemKind::StoreFull).with_retry_after(Duration::from_secs(5))
+        }
+        _ => {
+            tracing::warn!(%error, "store failed; request not executed");
+            Problem::new(ProblemKind::StoreUnavailable).with_retry_after(Duration::from_secs(1))
+        }
+    };
+    problem(shared, RequestOutcome::StoreError, p)
 }
 
 async fn on_store_error<S, ReqB, ResB>(
@@ -554,21 +653,8 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let p = match &error {
-        StoreError::Corrupt(reason) => {
-            tracing::error!(%reason, "stored record unreadable; request not executed");
-            return Ok(problem(
-                shared,
-                RequestOutcome::StoreError,
-                Problem::new(ProblemKind::RecordUnreadable),
-            ));
-        }
-        StoreError::Full(_) => {
-            Problem::new(ProblemKind::StoreFull).with_retry_after(Duration::from_secs(5))
-        }
-        _ => Problem::new(ProblemKind::StoreUnavailable).with_retry_after(Duration::from_secs(1)),
-    };
-    if policy.fail_open {
+    // An unreadable record is never a reason to execute: it may hold a completed outcome.
+    if policy.fail_open && !matches!(error, StoreError::Corrupt(_)) {
         tracing::warn!(%error, "store failed; fail_open executes the request unprotected");
         return passthrough(
             shared,
@@ -579,8 +665,7 @@ where
         )
         .await;
     }
-    tracing::warn!(%error, "store failed; request not executed");
-    Ok(problem(shared, RequestOutcome::StoreError, p))
+    Ok(store_error_response(shared, &error))
 }
 
 async fn execute<S, ReqB, ResB>(
@@ -590,6 +675,7 @@ async fn execute<S, ReqB, ResB>(
     bytes: Bytes,
     acquire: AcquireRequest,
     policy: Arc<Policy>,
+    mut guard: AcquireGuard,
 ) -> Response<ResponseBody>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -602,6 +688,7 @@ where
 {
     let (respond, response) = oneshot::channel();
     let client_deadline = policy.client_deadline;
+    let max_lease_hold = policy.max_lease_hold;
     let mut parts = parts;
     parts.extensions.insert(super::AttemptInfo {
         record_id: acquire.id,
@@ -618,6 +705,7 @@ where
         policy,
         respond,
     }));
+    guard.disarm();
     let response = async {
         response.await.unwrap_or_else(|_| {
             // The attempt task ended without answering: only a runtime shutdown does that.
@@ -625,13 +713,24 @@ where
         })
     };
     match client_deadline {
-        None => response.await,
         Some(deadline) => match tokio::time::timeout(deadline, response).await {
             Ok(r) => r,
             Err(_) => Problem::new(ProblemKind::OutcomePending).into_response(),
         },
+        // Without a client deadline the client waits as long as the attempt may hold the key;
+        // past that the attempt is written off, and the client gets what retries will get.
+        None => match tokio::time::timeout(max_lease_hold + HOLD_MARGIN, response).await {
+            Ok(r) => r,
+            Err(_) => Problem::new(ProblemKind::OutcomeUnknown)
+                .with_status(StatusCode::GATEWAY_TIMEOUT)
+                .into_response(),
+        },
     }
 }
+
+/// How long past `max_lease_hold` a client waits, so that an attempt finishing right at the
+/// bound still reaches it.
+const HOLD_MARGIN: Duration = Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {

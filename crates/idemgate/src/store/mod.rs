@@ -18,7 +18,7 @@
 //!
 //! Leases protect liveness, not correctness. Wall-clock stores (Redis, PostgreSQL) judge a lease
 //! by the server's clock. Single-process stores ([`MemoryStore`], embedded) judge it by whether
-//! the holder process is alive (its [`Holder`] epoch); at start, records of an older epoch are
+//! the holder process is alive (its [`Holder`](crate::record::Holder) epoch); at start, records of an older epoch are
 //! lapsed at once.
 //!
 //! Capacity: every store is bounded; when full, `acquire` returns [`StoreError::Full`] and live
@@ -176,7 +176,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether repeating the same operation with the same token may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Timeout { .. })
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Timeout { .. }
+        )
     }
 }
 
@@ -223,8 +226,7 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, id: &RecordId, force: bool) -> Result<Deletion, StoreError>;
 
     /// Settles an outcome-unknown record.
-    async fn resolve(&self, id: &RecordId, resolution: Resolution)
-    -> Result<Resolved, StoreError>;
+    async fn resolve(&self, id: &RecordId, resolution: Resolution) -> Result<Resolved, StoreError>;
 
     /// Deletes completed records past retention; returns how many.
     async fn purge_expired(&self) -> Result<u64, StoreError>;
@@ -243,6 +245,55 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store is reachable and safely configured (`/readyz`).
     async fn readiness(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+/// An `Arc` of a store is a store, so one store can serve several layers and the admin API.
+#[async_trait]
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    async fn acquire(&self, req: AcquireRequest) -> Result<Acquire, StoreError> {
+        (**self).acquire(req).await
+    }
+    async fn renew(
+        &self,
+        id: &RecordId,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError> {
+        (**self).renew(id, token, lease).await
+    }
+    async fn complete(
+        &self,
+        id: &RecordId,
+        token: Token,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        (**self).complete(id, token, outcome, ttl).await
+    }
+    async fn release(&self, id: &RecordId, token: Token) -> Result<Release, StoreError> {
+        (**self).release(id, token).await
+    }
+    async fn get(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        (**self).get(id).await
+    }
+    async fn delete(&self, id: &RecordId, force: bool) -> Result<Deletion, StoreError> {
+        (**self).delete(id, force).await
+    }
+    async fn resolve(&self, id: &RecordId, resolution: Resolution) -> Result<Resolved, StoreError> {
+        (**self).resolve(id, resolution).await
+    }
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        (**self).purge_expired().await
+    }
+    async fn watch(&self, id: &RecordId, max_waiters: usize) -> Result<Option<Watch>, StoreError> {
+        (**self).watch(id, max_waiters).await
+    }
+    async fn readiness(&self) -> Result<(), StoreError> {
+        (**self).readiness().await
     }
 }
 
