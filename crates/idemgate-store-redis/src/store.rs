@@ -46,7 +46,7 @@ impl RedisStoreBuilder {
 
     /// The text before `{<hex id>}` in every key and channel name (default `idemgate:`).
     /// Several deployments (or tests) can share one Redis with different prefixes. The `{…}`
-    /// hash tag is always the record id, so a record's key and channel share a Cluster slot.
+    /// hash tag is always the record id, so a record's key and channel share a Cluster slot; a prefix with braces is refused by `connect`.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -72,6 +72,14 @@ impl RedisStoreBuilder {
     /// unreachable server (within the timeout).
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
         let target = Target::parse(&self.spec).map_err(StoreError::Unavailable)?;
+        if self.key_prefix.contains(['{', '}']) {
+            // Redis Cluster hashes the first `{…}` of a key: a brace in the prefix would move
+            // every record into the prefix's slot.
+            return Err(StoreError::Unavailable(format!(
+                "redis key prefix `{}` must not contain braces",
+                self.key_prefix
+            )));
+        }
         let open = Conn::open(
             &target,
             ConnOptions::<fn(redis::PushInfo)> {

@@ -610,6 +610,13 @@ async fn bad_spec_and_unreachable_server_are_unavailable() {
         RedisStore::connect("http://x").await,
         Err(StoreError::Unavailable(_))
     ));
+    assert!(matches!(
+        RedisStore::builder(server().url())
+            .key_prefix("{app}:")
+            .connect()
+            .await,
+        Err(StoreError::Unavailable(_))
+    ));
     // A port nobody listens on (bound and released).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
