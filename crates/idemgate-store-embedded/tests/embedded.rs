@@ -1,0 +1,347 @@
+//! Behaviour of the embedded store beyond the shared contract: group commit, the file lock,
+//! epochs across restarts, capacity, background purge, arrival order.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use idemgate::record::{Fingerprint, Outcome, Record, RecordId, ResponseHead, Token};
+use idemgate::store::{
+    Acquire, AcquireRequest, Completion, LeaseExpiry, Release, Store, StoreError,
+};
+use idemgate_store_embedded::{EmbeddedStore, OpenError};
+
+fn req(id: RecordId, fp: u8, token: Token) -> AcquireRequest {
+    AcquireRequest {
+        id,
+        fingerprint: Fingerprint([fp; 32]),
+        token,
+        lease: Duration::from_secs(30),
+        on_lease_expiry: LeaseExpiry::OutcomeUnknown,
+        retention: Duration::from_secs(3600),
+    }
+}
+
+fn id(n: u64) -> RecordId {
+    RecordId::derive("test", b"embedded", &n.to_be_bytes())
+}
+
+fn outcome(n: u64) -> Outcome {
+    Outcome::Response {
+        head: ResponseHead {
+            status: 201,
+            headers: vec![("x-n".into(), Bytes::from(n.to_string()))],
+        },
+        body: Bytes::from(format!("body {n}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_commits() {
+    const N: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        EmbeddedStore::builder(dir.path().join("s.redb"))
+            .min_free_bytes(0)
+            .open()
+            .unwrap(),
+    );
+    let before = store.stats();
+    let start = Arc::new(tokio::sync::Barrier::new(N as usize));
+    let mut tasks = Vec::new();
+    for n in 0..N {
+        let (store, start) = (store.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Token::random();
+            start.wait().await;
+            let a = store.acquire(req(id(n), 1, t)).await.unwrap();
+            assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
+            let c = store
+                .complete(&id(n), t, &outcome(n), Duration::from_secs(60))
+                .await;
+            assert_eq!(c.unwrap(), Completion::Stored);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = store.stats();
+    let ops = after.operations - before.operations;
+    let txns = after.transactions - before.transactions;
+    println!(
+        "group commit: {ops} operations in {txns} write transactions ({} batches)",
+        after.batches - before.batches
+    );
+    assert_eq!(ops, 2 * N, "every operation was applied once");
+    assert!(
+        txns * 4 <= ops,
+        "concurrent operations must share commits: {txns} transactions for {ops} operations"
+    );
+    // Every one of them is really there.
+    for n in 0..N {
+        match store.get(&id(n)).await.unwrap() {
+            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
+            other => panic!("record {n}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn operations_on_one_record_apply_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::builder(dir.path().join("s.redb"))
+        .min_free_bytes(0)
+        .open()
+        .unwrap();
+    for n in 0..20 {
+        let t = Token::random();
+        // `join!` polls in order, so the acquire is queued before the complete and the release;
+        // they usually land in one batch, where only arrival order makes the complete see the
+        // InFlight record (on an absent record it would store nothing).
+        let ttl = Duration::from_secs(60);
+        let (o, k) = (outcome(n), id(n));
+        let (a, c, r) = tokio::join!(
+            store.acquire(req(k, 1, t)),
+            store.complete(&k, t, &o, ttl),
+            store.release(&k, t),
+        );
+        assert!(matches!(a.unwrap(), Acquire::Acquired { .. }));
+        assert_eq!(c.unwrap(), Completion::Stored);
+        assert_eq!(
+            r.unwrap(),
+            Release::Refused,
+            "release after complete is refused"
+        );
+        match store.get(&id(n)).await.unwrap() {
+            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
+            other => panic!("record {n}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_file_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    match EmbeddedStore::open(&path) {
+        Err(e @ OpenError::AlreadyOpen { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("already open"), "{msg}");
+            assert!(msg.contains("Redis or PostgreSQL"), "{msg}");
+        }
+        other => panic!("second open: {other:?}"),
+    }
+    // Closing releases the lock at once.
+    store.close().await;
+    let again = EmbeddedStore::open(&path).unwrap();
+    // So does dropping.
+    drop(again);
+    EmbeddedStore::open(&path).unwrap();
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_store_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("garbage.redb");
+    std::fs::write(&path, vec![0x42u8; 64 * 1024]).unwrap();
+    match EmbeddedStore::open(&path) {
+        Err(OpenError::Incompatible { .. } | OpenError::Io { .. }) => {}
+        other => panic!("opening garbage: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn records_and_epochs_survive_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (done, live, lapsed) = (Token::random(), Token::random(), Token::random());
+    let store = EmbeddedStore::open(&path).unwrap();
+    let first_epoch = store.open_report().epoch;
+    assert!(first_epoch >= 1);
+    store.acquire(req(id(1), 1, done)).await.unwrap();
+    store
+        .complete(&id(1), done, &outcome(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.acquire(req(id(2), 2, live)).await.unwrap();
+    store.acquire(req(id(3), 3, lapsed)).await.unwrap();
+    store.close().await;
+
+    let store = EmbeddedStore::builder(&path)
+        .lapsed_retention(Duration::from_secs(120))
+        .open()
+        .unwrap();
+    let report = store.open_report().clone();
+    assert_eq!(report.epoch, first_epoch + 1, "every open is a new epoch");
+    assert_eq!(
+        report.converted_leases, 2,
+        "both in-flight records were converted"
+    );
+    assert!(!report.repaired, "a clean close needs no repair");
+    match store.get(&id(1)).await.unwrap() {
+        Some(Record::Completed(c)) => {
+            assert_eq!((c.outcome, c.origin_token), (outcome(1), done));
+        }
+        other => panic!("completed record after restart: {other:?}"),
+    }
+    // Converted before any request arrived: `get` already shows the placeholder.
+    match store.get(&id(2)).await.unwrap() {
+        Some(Record::Completed(c)) => {
+            assert!(c.outcome.is_outcome_unknown());
+            assert_eq!(c.origin_token, live);
+            let left = c
+                .expires_at
+                .saturating_since(idemgate::record::Timestamp::now());
+            assert!(
+                left > Duration::from_secs(100) && left <= Duration::from_secs(120),
+                "{left:?}"
+            );
+        }
+        other => panic!("in-flight record after restart: {other:?}"),
+    }
+    // A re-execute route still treats the converted lease as lapsed (absent), once.
+    let t = Token::random();
+    let re = AcquireRequest {
+        on_lease_expiry: LeaseExpiry::ReExecute,
+        ..req(id(3), 9, t)
+    };
+    assert!(matches!(
+        store.acquire(re).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    assert!(
+        matches!(
+            store.acquire(req(id(3), 9, Token::random())).await.unwrap(),
+            Acquire::InFlight { .. }
+        ),
+        "the new attempt holds the key"
+    );
+    // An outcome-unknown route replays the placeholder.
+    match store.acquire(req(id(2), 2, Token::random())).await.unwrap() {
+        Acquire::Completed(c) => assert!(c.outcome.is_outcome_unknown()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn below_min_free_disk_new_records_are_refused_and_old_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (a, b) = (Token::random(), Token::random());
+    let store = EmbeddedStore::builder(&path)
+        .min_free_bytes(0)
+        .open()
+        .unwrap();
+    store.acquire(req(id(1), 1, a)).await.unwrap();
+    store
+        .complete(&id(1), a, &outcome(1), Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.acquire(req(id(2), 1, b)).await.unwrap();
+    store.close().await;
+
+    // No filesystem has u64::MAX bytes free.
+    let store = EmbeddedStore::builder(&path)
+        .min_free_bytes(u64::MAX)
+        .open()
+        .unwrap();
+    match store.acquire(req(id(3), 1, Token::random())).await {
+        Err(StoreError::Full(reason)) => assert!(reason.contains("free"), "{reason}"),
+        other => panic!("acquire of a new record on a full disk: {other:?}"),
+    }
+    assert_eq!(
+        store.get(&id(3)).await.unwrap(),
+        None,
+        "a refused acquire writes nothing"
+    );
+    // Replays still work.
+    match store.acquire(req(id(1), 1, Token::random())).await.unwrap() {
+        Acquire::Completed(c) => assert_eq!(c.outcome, outcome(1)),
+        other => panic!("{other:?}"),
+    }
+    // The converted lease's late outcome may still be stored; nothing was evicted.
+    assert_eq!(
+        store
+            .complete(&id(2), b, &outcome(2), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+}
+
+#[tokio::test]
+async fn background_purge_removes_expired_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::builder(dir.path().join("s.redb"))
+        .min_free_bytes(0)
+        .purge_interval(Duration::from_millis(50))
+        .purge_batch(7)
+        .open()
+        .unwrap();
+    for n in 0..30 {
+        let t = Token::random();
+        store.acquire(req(id(n), 1, t)).await.unwrap();
+        let ttl = if n % 3 == 0 {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(300)
+        };
+        store.complete(&id(n), t, &outcome(n), ttl).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.stats().purged < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "background purge did not run: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.stats().purged, 20, "only the expired records go");
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        0,
+        "nothing left to purge"
+    );
+    for n in (0..30).step_by(3) {
+        assert!(matches!(
+            store.get(&id(n)).await.unwrap(),
+            Some(Record::Completed(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn purge_on_demand_counts_what_it_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::builder(dir.path().join("s.redb"))
+        .min_free_bytes(0)
+        .purge_batch(4)
+        .open()
+        .unwrap();
+    for n in 0..10 {
+        let t = Token::random();
+        store.acquire(req(id(n), 1, t)).await.unwrap();
+        store
+            .complete(&id(n), t, &outcome(n), Duration::from_millis(200))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.purge_expired().await.unwrap(), 10);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn readiness_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::builder(dir.path().join("s.redb"))
+        .min_free_bytes(0)
+        .open()
+        .unwrap();
+    store.readiness().await.unwrap();
+    assert_eq!(store.kind(), "embedded");
+}
