@@ -1,5 +1,6 @@
 //! The shared store conformance suite against the embedded store. `lapse_leases` is a real
-//! restart: the file is closed and opened again, which starts a new instance epoch.
+//! restart: the file is closed and opened again, which starts a new instance epoch. The suite
+//! runs twice: directly, and through the fault-injecting wrapper with random delays.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use idemgate::record::RecordId;
 use idemgate_store_embedded::{EmbeddedStore, EmbeddedStoreBuilder};
-use idemgate_store_tests::{Harness, async_trait};
+use idemgate_store_tests::{FaultyHarness, Harness, async_trait};
 
 /// One temp folder per test; each `fresh`/`tiny` store gets its own file in it.
 struct EmbeddedHarness {
@@ -83,4 +84,17 @@ impl Harness for EmbeddedHarness {
     }
 }
 
-idemgate_store_tests::conformance_tests!(EmbeddedHarness::new());
+mod embedded {
+    use super::*;
+    idemgate_store_tests::conformance_tests!(EmbeddedHarness::new());
+}
+
+/// Delays change timing only, never an answer: the whole suite must still pass.
+mod embedded_delayed {
+    use super::*;
+    idemgate_store_tests::conformance_tests!(FaultyHarness::delays(
+        EmbeddedHarness::new(),
+        0xe3b_ed,
+        Duration::from_millis(15),
+    ));
+}
