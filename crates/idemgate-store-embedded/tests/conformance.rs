@@ -94,7 +94,7 @@ mod embedded_delayed {
     use super::*;
     idemgate_store_tests::conformance_tests!(FaultyHarness::delays(
         EmbeddedHarness::new(),
-        0xe3b_ed,
+        0x00e3_bedd,
         Duration::from_millis(15),
     ));
 }
