@@ -191,6 +191,10 @@ fn outcome_label(o: RequestOutcome) -> &'static str {
 }
 
 impl Observer for Metrics {
+    fn wants_timings(&self) -> bool {
+        true
+    }
+
     fn request(&self, outcome: RequestOutcome) {
         self.requests
             .get_or_create(&[("outcome", outcome_label(outcome))])

@@ -59,6 +59,11 @@ impl StoreOp {
 
 /// Receives the layer's events. Implementations must be cheap: they run on the request path.
 pub trait Observer: Send + Sync + 'static {
+    /// Whether [`Observer::store_op`] wants latencies; when `false` (the default) the layer does
+    /// not read the clock around store operations.
+    fn wants_timings(&self) -> bool {
+        false
+    }
     /// A request finished its way through the layer.
     fn request(&self, outcome: RequestOutcome) {
         let _ = outcome;

@@ -334,7 +334,7 @@ where
     let acquire = AcquireRequest {
         id,
         fingerprint: fingerprint(&parts, &bytes, &policy.fingerprint),
-        token: Token::random(),
+        token: Token::next(),
         lease: policy.lease,
         on_lease_expiry: policy.on_lease_expiry,
         retention: policy.ttl,
@@ -522,14 +522,14 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
+    let timed = shared.observer.wants_timings();
     let mut tries = 0;
     loop {
         tries += 1;
-        let started = Instant::now();
+        let started = timed.then(Instant::now);
         let result = call().await;
-        shared
-            .observer
-            .store_op(op, started.elapsed(), result.is_ok());
+        let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+        shared.observer.store_op(op, elapsed, result.is_ok());
         match result {
             Err(e) if e.is_retryable() && tries < shared.store_tries => {
                 tokio::time::sleep(Duration::from_millis(5 << tries)).await;

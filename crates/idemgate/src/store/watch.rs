@@ -5,6 +5,7 @@
 //! PostgreSQL from its one LISTEN connection. Waiters hold a [`Watch`], never a store connection.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -23,6 +24,9 @@ struct HubInner {
     // A sender per awaited record; its receiver count is the number of waiters. Sharded so
     // waiters on different keys do not contend; std Mutex because no lock is held across await.
     shards: Vec<Mutex<HashMap<RecordId, watch::Sender<u64>>>>,
+    // Records with a sender, across all shards: lets `notify` skip the lock in the common case
+    // of a completion nobody waits for.
+    awaited: AtomicUsize,
 }
 
 impl Default for WatchHub {
@@ -37,6 +41,7 @@ impl WatchHub {
         WatchHub {
             inner: Arc::new(HubInner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                awaited: AtomicUsize::new(0),
             }),
         }
     }
@@ -48,8 +53,16 @@ impl WatchHub {
     /// Subscribes to `id`; `None` when `max_waiters` already wait on it.
     pub fn watch(&self, id: &RecordId, max_waiters: usize) -> Option<Watch> {
         let mut shard = lock(self.shard(id));
-        let sender = shard.entry(*id).or_insert_with(|| watch::channel(0).0);
-        if sender.receiver_count() >= max_waiters {
+        let sender = shard.entry(*id).or_insert_with(|| {
+            self.inner.awaited.fetch_add(1, Ordering::SeqCst);
+            watch::channel(0).0
+        });
+        let waiting = sender.receiver_count();
+        if waiting >= max_waiters {
+            if waiting == 0 {
+                shard.remove(id);
+                self.inner.awaited.fetch_sub(1, Ordering::SeqCst);
+            }
             return None;
         }
         let receiver = sender.subscribe();
@@ -61,6 +74,11 @@ impl WatchHub {
 
     /// Wakes every waiter on `id`.
     pub fn notify(&self, id: &RecordId) {
+        // A waiter registers (under the shard lock) before it re-reads the record, and the
+        // record is changed before this runs: a zero here means no waiter can miss this change.
+        if self.inner.awaited.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let shard = lock(self.shard(id));
         if let Some(sender) = shard.get(id) {
             sender.send_modify(|g| *g = g.wrapping_add(1));
@@ -98,6 +116,7 @@ impl WatchHub {
         drop(receiver);
         if shard.get(id).is_some_and(|s| s.receiver_count() == 0) {
             shard.remove(id);
+            self.inner.awaited.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
