@@ -72,13 +72,26 @@
 //!   database whose disk is full (SQLSTATE 53100) is `Full` too. Live records are never
 //!   evicted.
 //!
-//! # Transactional mode (building block)
+//! # Transactional mode (exactly once for the database's own writes)
 //!
-//! [`PostgresStore::complete_in`] runs the completion statement on a connection the caller
-//! owns, e.g. inside the application's transaction, so the outcome commits (or rolls back)
-//! with the application's own writes; [`PostgresStore::table`] names the table for SQL of
-//! one's own. Use `on_lease_expiry = re-execute` with it: an attempt whose transaction rolled
-//! back left nothing behind.
+//! With [`transactional`], a handler's writes and the stored outcome commit in **one**
+//! transaction on the application's pool: both land, or neither does. The idempotency layer
+//! acquires the key on the store's own small lease pool (duplicates get 409 at once); a
+//! [`TransactionalLayer`](transactional::TransactionalLayer) begins T, gives it to the handler as
+//! a [`TxHandle`](transactional::TxHandle), then runs the fenced completion
+//! ([`PostgresStore::settle_in`]: `… WHERE id = $1 AND token = $2 AND in_flight`) and
+//! `COMMIT`s. Zero rows changed → rollback and 409 `lease-lost`; a `COMMIT` whose result is
+//! unknown → 503 `outcome-unknown`, and the key runs again once its lease lapses (the route
+//! uses `on_lease_expiry = re-execute`, safe only here because an uncommitted attempt left
+//! nothing behind); a release status → rollback and release. See the module for the whole
+//! table of outcomes and the example in `examples/axum-postgres-transactional`.
+//!
+//! Effects outside the database (a charge through another API, an email) are **not**
+//! covered: a re-executed key repeats them. Give them
+//! [`downstream_key`](transactional::downstream_key)s (stable per record) or an outbox table.
+//!
+//! The lower-level [`PostgresStore::complete_in`] runs the ordinary completion statement on a
+//! connection the caller owns; [`PostgresStore::table`] names the table for SQL of one's own.
 //!
 //! # PgBouncer
 //!
@@ -105,5 +118,6 @@
 mod listener;
 mod sql;
 mod store;
+pub mod transactional;
 
-pub use store::{BuildError, PostgresStore, PostgresStoreBuilder};
+pub use store::{BuildError, PostgresStore, PostgresStoreBuilder, Settlement, settled_origin};

@@ -122,6 +122,7 @@ pub(crate) struct Statements {
     pub(crate) acquire: Arc<str>,
     pub(crate) renew: Arc<str>,
     pub(crate) complete: Arc<str>,
+    pub(crate) settle: Arc<str>,
     pub(crate) release: Arc<str>,
     pub(crate) get: Arc<str>,
     pub(crate) delete: Arc<str>,
@@ -218,6 +219,23 @@ impl Statements {
             exp = now_plus("$4"),
         );
 
+        // settle (transactional mode, inside the application's transaction): $1 id, $2 token,
+        // $3 outcome bytes, $4 ttl ms, $5 channel, $6 hex id, $7 the settled origin token.
+        // Stricter than `complete`: only InFlight(token) qualifies (absent, a placeholder or an
+        // earlier outcome all mean the lease was lost). The origin token written is not the
+        // attempt's own, so no later `complete` by that token (e.g. a write-off that waited on
+        // this row's lock) can replace an outcome that committed with the application's writes.
+        let settle = format!(
+            "WITH up AS ( \
+               UPDATE {t} AS r SET state = 2, token = NULL, lease_expires_at = NULL, holder = NULL, \
+                 origin_token = $7, outcome = $3, outcome_unknown = false, expires_at = {exp} \
+               WHERE r.id = $1 AND r.state = 1 AND r.token = $2 AND {ok_r} \
+               RETURNING 1 \
+             ), n AS (SELECT pg_notify($5, $6) FROM up) \
+             SELECT (SELECT count(*) FROM up) AS changed, (SELECT count(*) FROM n) AS notified",
+            exp = now_plus("$4"),
+        );
+
         // release: $1 id, $2 token, $3 channel, $4 hex id.
         let release = format!(
             "WITH del AS (DELETE FROM {t} AS r \
@@ -288,6 +306,7 @@ impl Statements {
             acquire: acquire.into(),
             renew: renew.into(),
             complete: complete.into(),
+            settle: settle.into(),
             release: release.into(),
             get: get.into(),
             delete: delete.into(),

@@ -42,6 +42,32 @@ pub enum BuildError {
     Store(#[from] StoreError),
 }
 
+/// The answer of [`PostgresStore::settle_in`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Exactly one row changed: the outcome commits (or rolls back) with the transaction.
+    Settled,
+    /// The record is not InFlight(token) any more: roll the transaction back.
+    LeaseLost,
+}
+
+/// The origin token of an outcome settled inside the application's transaction: derived from
+/// the attempt's token so the attempt's own later `complete` is fenced off (see
+/// [`PostgresStore::settle_in`]).
+pub fn settled_origin(token: Token) -> Token {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(&token.0) {
+        Ok(m) => m,
+        // HMAC takes keys of any length; this arm only satisfies the type.
+        Err(_) => return Token([0; 16]),
+    };
+    mac.update(b"idemgate/tx-settled/v1");
+    let digest = mac.finalize().into_bytes();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    Token(out)
+}
+
 /// Configures and connects a [`PostgresStore`].
 ///
 /// ```no_run
@@ -420,6 +446,61 @@ impl PostgresStore {
                 "the record changed during complete; run it again".into(),
             )),
         }
+    }
+
+    /// The transactional mode's fenced completion, on a connection the caller controls (inside
+    /// the application's transaction): stores `outcome` only if the record is still
+    /// InFlight(`token`), and says [`Settlement::LeaseLost`] otherwise (the lease lapsed and
+    /// another attempt took the key, an operator deleted it, or the attempt was already written
+    /// off). Stricter than [`complete_in`](Self::complete_in), which also accepts an absent
+    /// record and its own outcome-unknown placeholder: with the application's writes in the
+    /// same transaction, anything but exactly one changed row must roll back.
+    ///
+    /// The stored outcome's origin token is derived from `token`, not `token` itself, so that
+    /// no later [`Store::complete`] with the attempt's token can overwrite an outcome that
+    /// committed with the application's writes. The row stays locked until the transaction
+    /// ends; the NOTIFY is delivered at commit. See [`crate::transactional`] for the whole
+    /// protocol.
+    pub async fn settle_in(
+        &self,
+        conn: &mut PgConnection,
+        id: &RecordId,
+        token: Token,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<Settlement, StoreError> {
+        self.settle_raw(conn, id, token, outcome, ttl)
+            .await
+            .map_err(|e| map_err(e, true))
+    }
+
+    /// [`settle_in`](Self::settle_in) with the driver's error, so the transactional adapter can
+    /// tell a lost connection from a failed transaction.
+    pub(crate) async fn settle_raw(
+        &self,
+        conn: &mut PgConnection,
+        id: &RecordId,
+        token: Token,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<Settlement, sqlx::Error> {
+        let s = &self.inner;
+        let row = Inner::q(&s.sql.settle)
+            .bind(&id.0[..])
+            .bind(&token.0[..])
+            .bind(outcome.encode())
+            .bind(ms_i64(ttl))
+            .bind(s.channel.as_str())
+            .bind(id.to_hex())
+            .bind(&settled_origin(token).0[..])
+            .fetch_one(conn)
+            .await?;
+        let changed: i64 = row.try_get("changed")?;
+        Ok(if changed == 1 {
+            Settlement::Settled
+        } else {
+            Settlement::LeaseLost
+        })
     }
 
     /// The hub that wakes this process's waiters (exposed for tests and metrics).
@@ -1054,7 +1135,7 @@ fn sqlstate(e: &sqlx::Error) -> Option<String> {
 }
 
 /// A failure of the connection itself (as opposed to the statement): worth retrying on another.
-fn is_connection_error(e: &sqlx::Error) -> bool {
+pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
