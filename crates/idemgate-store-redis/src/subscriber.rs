@@ -62,12 +62,30 @@ impl Subscriber {
         };
         let confirmed = tokio::time::timeout(self.timeout, async {
             let conn = self.connection().await?;
-            let mut subscribed = self.subscribed.lock().await;
-            if !subscribed.contains(id) {
-                conn.subscribe(&[(self.channel)(id)]).await?;
-                subscribed.insert(*id);
+            let mut pause = Duration::from_millis(10);
+            loop {
+                let mut subscribed = self.subscribed.lock().await;
+                if subscribed.contains(id) {
+                    return Ok(());
+                }
+                match conn.subscribe(&[(self.channel)(id)]).await {
+                    Ok(()) => {
+                        subscribed.insert(*id);
+                        return Ok(());
+                    }
+                    // After Redis was away, redis-rs' connection manager answers the first
+                    // command with the failure of its last reconnect attempt and only then
+                    // reconnects: without another try, the first waiter after every outage
+                    // would get a 409 instead of waiting. SUBSCRIBE is idempotent, and the
+                    // whole loop is bounded by the timeout.
+                    Err(e) if is_connection_error(&e) => {
+                        drop(subscribed);
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            Ok::<(), redis::RedisError>(())
         })
         .await;
         match confirmed {
@@ -177,6 +195,12 @@ async fn sweep(sub: Weak<Subscriber>) {
             }
         }
     }
+}
+
+/// Whether `e` is about the connection (refused, dropped, broken) rather than an answer of the
+/// server: worth another try on the connection the manager is re-establishing.
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped()
 }
 
 /// The record id inside a channel name `…{hex}`.

@@ -778,6 +778,54 @@ async fn waiters_are_woken_after_the_subscriber_reconnects() {
     );
 }
 
+/// The first `watch` after an outage subscribes, instead of failing with the error of the
+/// subscriber connection's last (failed) reconnect: that failure gave the first duplicate after
+/// every Redis restart a 409 instead of a wait.
+#[tokio::test]
+async fn the_first_watch_after_a_restart_subscribes() {
+    let mut srv = RedisServer::builder().durable().start();
+    let store = RedisStore::builder(srv.url())
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    // Opens the subscriber connection; nobody waits any more when Redis goes away.
+    drop(store.watch(&id(81), 10).await.unwrap().expect("a watch"));
+    srv.kill();
+    // Long enough for the subscriber connection's reconnect attempts to fail.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    srv.restart();
+    let first = store.watch(&id(82), 10).await;
+    assert!(
+        matches!(first, Ok(Some(_))),
+        "first watch after the restart: {:?}",
+        first.as_ref().map(Option::is_some)
+    );
+    // And the subscription is live: a release of the key wakes the waiter.
+    let mut w = first.unwrap().unwrap();
+    let t = Token::random();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match store.acquire(req(id(82), 1, t, LEASE)).await {
+            Ok(Acquire::Acquired { .. }) => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "acquire after restart: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    store.release(&id(82), t).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), w.changed())
+            .await
+            .is_ok(),
+        "release after the restart did not wake the waiter"
+    );
+}
+
 #[tokio::test]
 async fn rediss_uses_rustls_and_fails_cleanly_on_a_plain_server() {
     // The TLS handshake against a plain-text server fails: an error, not a panic about a missing
