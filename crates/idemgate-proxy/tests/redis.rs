@@ -240,7 +240,7 @@ async fn storm_wait_mode(store: &str) {
     assert!(cross > 0, "no replay was served by another instance");
     assert_every_instance_replays(&cs, "w", &originals).await;
 
-    let gaps = wake_latency(&up, &cs).await;
+    let gaps = wake_latency(&up, &cs, &names("wake", 5)).await;
     let median = gaps[gaps.len() / 2];
     println!("wait mode on {store}: waiter answered {gaps:?} after the holder");
     assert!(
@@ -251,15 +251,19 @@ async fn storm_wait_mode(store: &str) {
     );
 }
 
-/// For a few keys: the holder executes through proxy 0 (400 ms upstream call); once the call
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// For each key: the holder executes through proxy 0 (400 ms upstream call); once the call
 /// runs, a duplicate through proxy 1 or 2 waits. Returns, sorted, how long after the holder's
 /// response each waiter got its replay. Woken by the completion's notification that is a few
 /// milliseconds; without it the waiter would sleep until its lease re-check, at least
 /// 1 s × 2/3 after its read, i.e. more than 600 ms after the holder's answer.
-async fn wake_latency(up: &Upstream, cs: &[Client]) -> Vec<Duration> {
+async fn wake_latency(up: &Upstream, cs: &[Client], keys: &[String]) -> Vec<Duration> {
     let mut gaps = Vec::new();
-    for i in 0..5 {
-        let key = format!("wake-{i}");
+    for (i, key) in keys.iter().enumerate() {
+        let key = key.clone();
         let req = Req::post("/orders")
             .key(&key)
             .header("x-test-delay-ms", "400");
@@ -279,8 +283,8 @@ async fn wake_latency(up: &Upstream, cs: &[Client]) -> Vec<Duration> {
         let (w, w_at) = waiter.await.expect("waiter task");
         assert_eq!(h.status, 201, "{}", h.summary());
         assert!(!h.replayed());
-        assert_eq!(w.status, 201, "{}", w.summary());
-        assert!(w.replayed(), "{}", w.summary());
+        assert_eq!(w.status, 201, "waiter of {key}: {}", w.summary());
+        assert!(w.replayed(), "waiter of {key}: {}", w.summary());
         assert_eq!(w.body, h.body);
         assert_eq!(up.executions(&key), 1);
         gaps.push(w_at.saturating_duration_since(h_at));
@@ -433,6 +437,248 @@ async fn standalone_holder_killed_mid_call_never_executes_twice() {
 async fn cluster_holder_killed_mid_call_never_executes_twice() {
     let cluster = cluster();
     holder_killed_mid_call(&cluster.url()).await;
+}
+
+/// Wait mode: duplicates waiting on the survivors for keys whose holder died are woken when the
+/// lease lapses and get outcome-unknown, never a second execution; the others get the replay.
+async fn holder_killed_while_others_wait(store: &str) {
+    let up = Upstream::start().await;
+    let mut ps = proxies(
+        3,
+        &up,
+        store,
+        LEASE,
+        &["--concurrent", "wait", "--wait-max", "10s"],
+    )
+    .await;
+    let cs = clients(&ps);
+    let originals: Vec<_> = (0..HELD)
+        .map(|k| {
+            let c = cs[k % 3].clone();
+            tokio::spawn(async move { c.try_send(held_req(k)).await })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            (0..HELD).all(|k| up.executions(&format!("held-{k}")) == 1)
+        })
+        .await,
+        "not every key reached the upstream: {:?}",
+        up.counts()
+    );
+    // Two waiters per key, one on each survivor.
+    let waiters: Vec<_> = (0..HELD)
+        .flat_map(|k| [(k, cs[1].clone()), (k, cs[2].clone())])
+        .map(|(k, c)| tokio::spawn(async move { (k, c.send(held_req(k)).await) }))
+        .collect();
+    // Let them subscribe before the holder dies.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ps[0].kill9();
+    let killed_at = Instant::now();
+    for w in waiters {
+        let (k, r) = w.await.expect("waiter task");
+        if k % 3 == 0 {
+            assert_eq!(
+                r.status,
+                502,
+                "held-{k}, holder killed: {}\n{}",
+                r.summary(),
+                logs(&ps)
+            );
+            assert_eq!(r.problem().as_deref(), Some("outcome-unknown"));
+        } else {
+            assert_eq!(r.status, 201, "held-{k}: {}\n{}", r.summary(), logs(&ps));
+            assert!(r.replayed());
+        }
+    }
+    println!(
+        "wait mode: every waiter answered {:?} after the kill",
+        killed_at.elapsed()
+    );
+    for (k, original) in originals.into_iter().enumerate() {
+        let original = original.await.expect("original task");
+        assert_eq!(k % 3 == 0, original.is_err(), "held-{k}: {original:?}");
+    }
+    let counts = up.counts();
+    for k in 0..HELD {
+        assert_eq!(counts.get(&format!("held-{k}")), Some(&1), "{counts:?}");
+    }
+    assert_eq!(up.total(), HELD as u64, "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_wait_mode_holder_killed_waiters_get_outcome_unknown() {
+    let redis = standalone();
+    holder_killed_while_others_wait(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wait_mode_holder_killed_waiters_get_outcome_unknown() {
+    let cluster = cluster();
+    holder_killed_while_others_wait(&cluster.url()).await;
+}
+
+/// Polls until a fresh key (the next of `keys`) gets 201 through every client (bounded).
+async fn until_served(cs: &[Client], keys: &mut impl Iterator<Item = String>, within: Duration) {
+    let deadline = Instant::now() + within;
+    for (p, c) in cs.iter().enumerate() {
+        loop {
+            let key = keys.next().expect("keys enough");
+            let r = c.send(Req::post("/orders").key(&key)).await;
+            if r.status == 201 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy {p} still answers {}",
+                r.summary()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The pub/sub connections of every instance come back with Redis: after a restart, waiters
+/// on other instances are again woken by the completion, not by the lease re-check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_mode_wakes_across_instances_again_after_a_redis_restart() {
+    let mut redis = tokio::task::block_in_place(|| RedisServer::builder().durable().start());
+    let up = Upstream::start().await;
+    let ps = proxies(
+        3,
+        &up,
+        &redis.url(),
+        "1s",
+        &["--concurrent", "wait", "--wait-max", "10s"],
+    )
+    .await;
+    let cs = clients(&ps);
+    // Opens the subscribers of proxies 1 and 2 (where the waiters are).
+    let gaps = wake_latency(&up, &cs, &names("before", 5)).await;
+    assert!(
+        gaps[gaps.len() / 2] < Duration::from_millis(300),
+        "{gaps:?}"
+    );
+    tokio::task::block_in_place(|| redis.kill());
+    let r = cs[1].send(Req::post("/orders").key("while-down")).await;
+    assert_store_unavailable(&r, "while down");
+    tokio::task::block_in_place(|| redis.restart());
+    until_served(
+        &cs,
+        &mut (0..).map(|n| format!("after-{n}")),
+        Duration::from_secs(15),
+    )
+    .await;
+
+    let gaps = wake_latency(&up, &cs, &names("restarted", 5)).await;
+    println!("after a Redis restart: waiters answered {gaps:?} after the holder");
+    assert!(
+        gaps[gaps.len() / 2] < Duration::from_millis(300),
+        "after a Redis restart waiters answered {gaps:?} after the holder: pub/sub did not \
+         come back\n{}",
+        logs(&ps)
+    );
+    for (key, n) in up.counts() {
+        assert_eq!(n, 1, "{key} executed {n} times");
+    }
+}
+
+/// The Cluster hash slot of a key: CRC16 (XMODEM) of its hash tag, mod 16384.
+fn slot(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in tag.as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// Whether the record of `key` (anonymous scope) lives on `node`.
+fn lives_on(node: &RedisServer, key: &str) -> bool {
+    let nodes = node.cli(&["cluster", "nodes"]);
+    let myself = nodes
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("CLUSTER NODES names this node");
+    let s = slot(&support::anonymous_record_id(key));
+    myself.split_whitespace().skip(8).any(|range| {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&s))
+    })
+}
+
+/// Fresh keys `prefix-i` whose records live on `node`.
+fn keys_on<'a>(node: &'a RedisServer, prefix: &'a str) -> impl Iterator<Item = String> + 'a {
+    (0..)
+        .map(move |i| format!("{prefix}-{i}"))
+        .filter(move |k| lives_on(node, k))
+}
+
+/// The same on a Cluster whose node holding the awaited keys is killed and restarted: the
+/// instances' sharded subscriptions to that node come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wait_mode_wakes_across_instances_again_after_a_node_restart() {
+    let mut cluster = tokio::task::block_in_place(|| {
+        RedisCluster::builder(3)
+            .config("appendonly yes")
+            .config("appendfsync always")
+            .start()
+    });
+    // Our slot function agrees with the server's.
+    let probe = format!("idemgate:{{{}}}", support::anonymous_record_id("probe"));
+    let server_slot = cluster.nodes()[0].cli(&["cluster", "keyslot", &probe]);
+    assert_eq!(
+        server_slot.trim(),
+        slot(&support::anonymous_record_id("probe")).to_string()
+    );
+
+    let up = Upstream::start().await;
+    let ps = proxies(
+        3,
+        &up,
+        &cluster.url(),
+        "1s",
+        &["--concurrent", "wait", "--wait-max", "10s"],
+    )
+    .await;
+    let cs = clients(&ps);
+    let before: Vec<String> = keys_on(&cluster.nodes()[0], "before").take(5).collect();
+    let gaps = wake_latency(&up, &cs, &before).await;
+    assert!(
+        gaps[gaps.len() / 2] < Duration::from_millis(300),
+        "{gaps:?}"
+    );
+
+    tokio::task::block_in_place(|| {
+        cluster.nodes_mut()[0].kill();
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.nodes_mut()[0].restart();
+    });
+    until_served(
+        &cs,
+        &mut keys_on(&cluster.nodes()[0], "after"),
+        Duration::from_secs(20),
+    )
+    .await;
+
+    let restarted: Vec<String> = keys_on(&cluster.nodes()[0], "restarted").take(5).collect();
+    let gaps = wake_latency(&up, &cs, &restarted).await;
+    println!("after a Cluster node restart: waiters answered {gaps:?} after the holder");
+    assert!(
+        gaps[gaps.len() / 2] < Duration::from_millis(300),
+        "after a node restart waiters answered {gaps:?} after the holder: sharded pub/sub did \
+         not come back\n{}",
+        logs(&ps)
+    );
+    for (key, n) in up.counts() {
+        assert_eq!(n, 1, "{key} executed {n} times");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
