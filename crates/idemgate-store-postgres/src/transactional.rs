@@ -106,7 +106,7 @@ use std::time::Duration;
 use axum_core::body::Body;
 use axum_core::extract::FromRequestParts;
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::HeaderMap;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
@@ -766,65 +766,9 @@ where
     }
 }
 
-// Never stored (SPEC §6): they describe one connection or one moment, or they are
-// credentials. The same rules as the idemgate layer's, which keeps its own copy private.
-const NEVER_STORED: &[&str] = &[
-    "date",
-    "age",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "set-cookie",
-    "content-length",
-];
-
-/// The storable part of a response head, in order (SPEC §6).
+/// The storable part of a response head: the layer's own rules, so both store the same.
 fn storable_head(status: StatusCode, headers: &HeaderMap, policy: &Policy) -> ResponseHead {
-    let connection_named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
-        .collect();
-    let storable = |name: &str| {
-        if policy
-            .header_allow
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case(name))
-        {
-            return true;
-        }
-        !(NEVER_STORED.contains(&name)
-            || name.contains("token")
-            || name.contains("secret")
-            || connection_named.iter().any(|c| c == name)
-            || policy
-                .header_deny
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(name)))
-    };
-    let headers = headers
-        .iter()
-        .filter(|(name, _)| storable(name.as_str()))
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                Bytes::copy_from_slice(value.as_bytes()),
-            )
-        })
-        .collect();
-    ResponseHead {
-        status: status.as_u16(),
-        headers,
-    }
+    idemgate::layer::storable_head(status, headers, policy)
 }
 
 #[cfg(test)]

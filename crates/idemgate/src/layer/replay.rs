@@ -53,12 +53,11 @@ pub(crate) fn is_storable(name: &str, policy: &Policy, connection_named: &[Strin
             .any(|d| d.eq_ignore_ascii_case(name)))
 }
 
-/// The storable part of a response head, in order.
-pub(crate) fn storable_head(
-    status: StatusCode,
-    headers: &HeaderMap,
-    policy: &Policy,
-) -> ResponseHead {
+/// The storable part of a response head, in order (SPEC §6): never `Date`, `Age`, hop-by-hop
+/// headers and those named in `Connection`, `Set-Cookie`, names containing `token` or `secret`,
+/// nor the policy's deny list; the policy's allow list overrides. For inner services that store
+/// an outcome themselves (the PostgreSQL transactional mode).
+pub fn storable_head(status: StatusCode, headers: &HeaderMap, policy: &Policy) -> ResponseHead {
     let connection_named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
