@@ -760,6 +760,23 @@ async fn redis_killed_under_load_fails_closed_and_outcomes_survive_the_restart()
     let loaded_before_kill = eventually(Duration::from_secs(5), || up.total() >= 40).await;
     assert!(loaded_before_kill, "the load never got going");
 
+    // Calls that outlive the outage (their lease lapses while Redis is away).
+    let slow: Vec<_> = (0..3)
+        .map(|i| {
+            let c = client.clone();
+            let req = Req::post("/orders")
+                .key(&format!("slow-{i}"))
+                .header("x-test-delay-ms", "2500");
+            tokio::spawn(async move { c.send(req).await })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            (0..3).all(|i| up.executions(&format!("slow-{i}")) == 1)
+        })
+        .await
+    );
+
     tokio::task::block_in_place(|| redis.kill());
 
     // The proxy notices at its next store operation.
@@ -806,6 +823,10 @@ async fn redis_killed_under_load_fails_closed_and_outcomes_survive_the_restart()
         up.counts()
     );
 
+    let admin = Client::new(proxy.admin());
+    let r = admin.get("/readyz").await;
+    assert_eq!(r.status, 503, "readyz with Redis down: {}", r.summary());
+
     tokio::task::block_in_place(|| redis.restart());
     let resumed = Instant::now() + Duration::from_secs(15);
     let mut probe = 0;
@@ -826,8 +847,18 @@ async fn redis_killed_under_load_fails_closed_and_outcomes_survive_the_restart()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let r = readyz_until(&admin, |s| s == 200).await;
+    assert_eq!(r.status, 200, "readyz after the restart: {}", r.summary());
+
     stop.store(true, Ordering::SeqCst);
     let mut served = Vec::new();
+    for (i, original) in slow.into_iter().enumerate() {
+        let r = original.await.expect("slow task");
+        // The client still gets the answer of a call that outlived the outage.
+        assert_eq!(r.status, 201, "slow-{i}: {}", r.summary());
+        assert!(!r.replayed());
+        served.push((format!("slow-{i}"), r));
+    }
     let mut refused = Vec::new();
     for task in load {
         for (key, r) in task.await.expect("load task") {
