@@ -836,6 +836,10 @@ async fn redis_killed_under_load_fails_closed_and_outcomes_survive_the_restart()
             .await;
         probe += 1;
         if r.status == 201 {
+            println!(
+                "Redis answered PING; {} requests refused after that",
+                probe - 1
+            );
             break;
         }
         assert_store_unavailable(&r, "while Redis restarts");
