@@ -1026,3 +1026,48 @@ async fn readyz_on_cluster_fails_when_any_master_may_evict() {
         r.summary()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown writes off what did not finish within the grace period (SPEC §5)
+// ---------------------------------------------------------------------------------------------
+
+/// SIGTERM while a request hangs past `--shutdown-grace`: the proxy exits, and the key reads
+/// outcome-unknown at once from another instance (the lease is 30 s: without the write-off the
+/// retry would get 409 until the lease lapsed), and nothing executes twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_writes_off_requests_still_running_after_the_grace_period() {
+    let redis = standalone();
+    let up = Upstream::start().await;
+    let mut ps = proxies(2, &up, &redis.url(), "30s", &["--shutdown-grace", "300ms"]).await;
+    let cs = clients(&ps);
+    let req = Req::post("/orders")
+        .key("hung-at-shutdown")
+        .header("x-test-delay-ms", "5000");
+    let first = {
+        let (c, req) = (cs[0].clone(), req.clone());
+        tokio::spawn(async move { c.try_send(req).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || up.executions("hung-at-shutdown")
+            == 1)
+        .await,
+        "the request never reached the upstream"
+    );
+    ps[0].sigterm();
+    let status = ps[0].wait_exit(Duration::from_secs(5)).await;
+    assert!(
+        status.is_some(),
+        "the proxy exits after its grace period\n{}",
+        logs(&ps)
+    );
+    let _ = first.await;
+    let retry = cs[1].send(req.clone()).await;
+    assert_eq!(
+        retry.problem().as_deref(),
+        Some("outcome-unknown"),
+        "{}\n{}",
+        retry.summary(),
+        logs(&ps)
+    );
+    assert_eq!(up.executions("hung-at-shutdown"), 1);
+}
