@@ -145,13 +145,32 @@ impl Statements {
         // $6 lapsed lease becomes outcome-unknown (else re-execute), $7 placeholder outcome
         // bytes, $8 retention ms, $9 whether a new record may be written (capacity).
         //
-        // `ins` writes when the key is absent, or the existing row is Completed past expiry, or
-        // InFlight of another token with a lapsed lease (then either a fresh InFlight or the
-        // outcome-unknown placeholder). ON CONFLICT judges the newest committed version of the
-        // row (locked); `cur` is the statement's snapshot. When `ins` wrote nothing, the answer
-        // comes from `cur`; if `cur` says a write was due, the row changed under us (a race) and
-        // the caller runs the statement again.
+        // `cur` is the row in the statement's snapshot. A write is due only when it is absent,
+        // Completed past expiry, or InFlight of another token with a lapsed lease (then either a
+        // fresh InFlight or the outcome-unknown placeholder). Every other row (a live Completed
+        // record: a replay or a mismatch; InFlight of this token; InFlight of another token with
+        // a live lease; an unreadable row) is answered from `cur` alone, and `ins` then has no
+        // source row and does nothing at all. That matters: `INSERT … ON CONFLICT DO UPDATE`
+        // locks the conflicting row even when its `WHERE` rejects the update, which assigns a
+        // transaction id, writes a heap-lock WAL record and makes the commit flush the WAL: an
+        // fsync per replay. A pure read assigns no transaction id and writes no WAL.
+        //
+        // When `cur` says a write is due, ON CONFLICT judges the newest committed version of the
+        // row (locked) by the same rule. If `ins` wrote nothing, the row changed between the
+        // snapshot and the write (a race) or the capacity bound stopped it: the answer comes
+        // from `cur`, which says a write was due, so the caller runs the statement again (or
+        // reports `Full`). A row that appears after the snapshot is such a race too: the
+        // insert meets it on the unique index and goes through ON CONFLICT.
         let lapse = "(r.state = 1 AND $6)";
+        // Whether the row under alias `a` must be rewritten: judged on the snapshot row `c` to
+        // decide whether to try the insert at all, and on the newest version `r` in ON CONFLICT.
+        let due = |a: &str| {
+            format!(
+                "(({a}.state = 2 AND {a}.expires_at <= statement_timestamp()) \
+                  OR ({a}.state = 1 AND {a}.token IS DISTINCT FROM $3 \
+                      AND {a}.lease_expires_at <= statement_timestamp()))"
+            )
+        };
         let acquire = format!(
             "WITH cur AS (SELECT * FROM {t} WHERE id = $1), \
              ins AS ( \
@@ -159,6 +178,7 @@ impl Statements {
                                      origin_token, outcome, outcome_unknown, expires_at) \
                SELECT $1, 1::smallint, $2, $3, {lease}, $5, NULL::bytea, NULL::bytea, false, {inflight_exp} \
                WHERE $9 \
+                 AND NOT EXISTS (SELECT 1 FROM cur c WHERE ({due_c} AND {ok_c}) IS NOT TRUE) \
                ON CONFLICT (id) DO UPDATE SET \
                  state = CASE WHEN {lapse} THEN 2 ELSE 1 END, \
                  fingerprint = CASE WHEN {lapse} THEN r.fingerprint ELSE excluded.fingerprint END, \
@@ -169,10 +189,7 @@ impl Statements {
                  outcome = CASE WHEN {lapse} THEN $7 ELSE NULL END, \
                  outcome_unknown = {lapse}, \
                  expires_at = CASE WHEN {lapse} THEN {placeholder_exp} ELSE excluded.expires_at END \
-               WHERE ((r.state = 2 AND r.expires_at <= statement_timestamp()) \
-                  OR (r.state = 1 AND r.token IS DISTINCT FROM $3 \
-                      AND r.lease_expires_at <= statement_timestamp())) \
-                 AND {ok_r} \
+               WHERE {due_r} AND {ok_r} \
                RETURNING r.* \
              ) \
              SELECT true AS written, {ins_cols} FROM ins c \
@@ -183,6 +200,9 @@ impl Statements {
                 "statement_timestamp() + ($4::bigint + $8::bigint) * interval '1 millisecond'",
             placeholder_exp = now_plus("$8"),
             ins_cols = row_cols("c"),
+            due_c = due("c"),
+            ok_c = readable("c"),
+            due_r = due("r"),
         );
 
         // renew: $1 id, $2 token, $3 lease ms. The in-flight retention bound (`expires_at`)
