@@ -49,8 +49,23 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client's address, put in the request extensions by the server for `X-Forwarded-For`.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+/// Made once per connection: the address text is formatted there, not on every request.
+#[derive(Clone, Debug)]
+pub struct ClientAddr {
+    /// The peer address.
+    pub addr: SocketAddr,
+    /// Its IP as a header value.
+    ip: HeaderValue,
+}
+
+impl ClientAddr {
+    /// The client at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientAddr { addr, ip }
+    }
+}
 
 /// Marks a request the layer may protect: the forwarder then waits for the response head up to
 /// the hard timeout (the layer answers the client at its deadline). Unmarked requests pass
@@ -77,6 +92,9 @@ struct Shared<B> {
     authority: http::uri::Authority,
     /// The upstream URL's path without its trailing `/`, prefixed to every request path.
     base_path: String,
+    /// The `Host` of a plain-HTTP upstream, set here so the client does not format it per
+    /// request. `None` for HTTPS, where ALPN may pick HTTP/2 (which carries `:authority`).
+    host: Option<HeaderValue>,
     hard_timeout: Duration,
     soft_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
@@ -124,12 +142,19 @@ where
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_owned())
             .unwrap_or_default();
+        let host = (scheme == http::uri::Scheme::HTTP).then(|| host_header(&authority));
+        let host = match host {
+            Some(Ok(h)) => Some(h),
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
         Ok(Forwarder {
             shared: Arc::new(Shared {
                 client,
                 scheme,
                 authority,
                 base_path,
+                host,
                 hard_timeout: config.hard_timeout,
                 soft_timeout: config.soft_timeout,
                 metrics,
@@ -140,17 +165,32 @@ where
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones the
 /// `Connection` header names.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// (Names, not strings: removing by `&str` parses the name again on every call.)
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The `Host` header for `authority`, as hyper's client writes it: the port only when it is not
+/// the scheme's default.
+fn host_header(authority: &http::uri::Authority) -> Result<HeaderValue, String> {
+    let text = match authority.port_u16() {
+        Some(80) | None => authority.host().to_owned(),
+        Some(port) => format!("{}:{port}", authority.host()),
+    };
+    HeaderValue::from_str(&text).map_err(|e| format!("the upstream host is not a valid Host: {e}"))
+}
 
 /// Removes hop-by-hop headers and those named in `Connection`. `TE: trailers` is kept on
 /// requests (gRPC and HTTP/2 allow it).
@@ -169,8 +209,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -186,43 +226,66 @@ pub fn prepare_head(
     base_path: &str,
     client: Option<SocketAddr>,
 ) -> Result<(), String> {
-    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+    let client = client.map(ClientAddr::new);
+    rewrite_head(parts, scheme, authority, base_path, None, client.as_ref())
+}
+
+fn rewrite_head(
+    parts: &mut http::request::Parts,
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+    base_path: &str,
+    host: Option<&HeaderValue>,
+    client: Option<&ClientAddr>,
+) -> Result<(), String> {
+    let original_host = parts.headers.remove(header::HOST).or_else(|| {
         parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers, true);
-    if let Some(addr) = client {
-        let ip = addr.ip().to_string();
+    if let Some(client) = client {
         let value = match parts
             .headers
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip,
+            Some(prev) if !prev.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{prev}, {}", client.addr.ip())).ok()
+            }
+            _ => Some(client.ip.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            parts.headers.insert("x-forwarded-for", v);
+        if let Some(v) = value {
+            parts.headers.insert(X_FORWARDED_FOR, v);
         }
     }
     parts
         .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = original_host {
-        parts.headers.insert("x-forwarded-host", host);
+        parts.headers.insert(X_FORWARDED_HOST, host);
     }
-    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
-    parts.headers.remove(header::HOST);
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let pq = format!("{base_path}{path_and_query}");
-    parts.uri = Uri::builder()
-        .scheme(scheme.clone())
-        .authority(authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| format!("cannot build the upstream URI: {e}"))?;
+    // Otherwise the client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
+    if let Some(host) = host {
+        parts.headers.insert(header::HOST, host.clone());
+    }
+    let path_and_query = if base_path.is_empty() {
+        // The request's own path and query, shared rather than copied and parsed again.
+        match parts.uri.path_and_query() {
+            Some(pq) => pq.clone(),
+            None => http::uri::PathAndQuery::from_static("/"),
+        }
+    } else {
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        http::uri::PathAndQuery::try_from(format!("{base_path}{pq}"))
+            .map_err(|e| format!("cannot build the upstream URI: {e}"))?
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme.clone());
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    parts.uri = Uri::from_parts(uri).map_err(|e| format!("cannot build the upstream URI: {e}"))?;
     // The pooled client picks HTTP/2 by ALPN; it refuses an HTTP/2 request on an HTTP/1
     // connection, so every request starts as HTTP/1.1.
     parts.version = Version::HTTP_11;
@@ -292,18 +355,19 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = request.into_parts();
-    let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    let client = parts.extensions.remove::<ClientAddr>();
     let timeout = if parts.extensions.get::<MayProtect>().is_some() {
         shared.hard_timeout
     } else {
         shared.soft_timeout
     };
-    if let Err(e) = prepare_head(
+    if let Err(e) = rewrite_head(
         &mut parts,
         &shared.scheme,
         &shared.authority,
         &shared.base_path,
-        client,
+        shared.host.as_ref(),
+        client.as_ref(),
     ) {
         tracing::warn!(error = %e, "request not forwarded");
         return problem(

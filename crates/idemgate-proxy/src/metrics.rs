@@ -33,11 +33,18 @@ pub enum UpstreamResult {
 }
 
 /// Every metric idemgate exports.
+///
+/// The labelled series a request touches are created once, here, and kept as handles: a
+/// `Family::get_or_create` per event would hash the labels and take the family's lock on every
+/// request (four times for a fresh key).
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Labels1, Counter>,
-    store_ops: HistogramFamily<Labels2>,
-    upstream: HistogramFamily<Labels1>,
+    /// Indexed by [`outcome_index`].
+    requests: [Counter; OUTCOMES.len()],
+    /// Indexed by [`op_index`], then ok (0) / error (1).
+    store_ops: [[Histogram; 2]; OPS.len()],
+    /// Indexed by [`UpstreamResult`] order.
+    upstream: [Histogram; UPSTREAM_RESULTS.len()],
     in_flight: Gauge,
     fencing_refused: Counter,
     lease_abandoned: Counter,
@@ -46,6 +53,32 @@ pub struct Metrics {
     abandoned_finishes: Counter,
     admin_mutations: Family<Labels1, Counter>,
 }
+
+/// The `outcome` label values of `idemgate_requests_total`, in [`outcome_index`] order.
+const OUTCOMES: [&str; 11] = [
+    "passthrough",
+    "rejected",
+    "executed",
+    "released",
+    "replayed",
+    "conflict",
+    "waited_replay",
+    "mismatch",
+    "store_error",
+    "failed_open",
+    "other",
+];
+
+/// The store operations, in [`op_index`] order.
+const OPS: [StoreOp; 4] = [
+    StoreOp::Acquire,
+    StoreOp::Renew,
+    StoreOp::Complete,
+    StoreOp::Release,
+];
+
+/// The `result` label values of the upstream histogram, in [`UpstreamResult`] order.
+const UPSTREAM_RESULTS: [&str; 4] = ["response", "unreachable", "no_response", "timeout"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -57,26 +90,37 @@ impl Metrics {
     /// Registers every metric under the `idemgate_` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("idemgate");
-        let requests = Family::<Labels1, Counter>::default();
+        let requests_family = Family::<Labels1, Counter>::default();
         registry.register(
             "requests",
             "Requests by what idemgate did with them (executed, replayed, conflict, mismatch, ...)",
-            requests.clone(),
+            requests_family.clone(),
         );
-        let store_ops: HistogramFamily<Labels2> =
+        let requests =
+            OUTCOMES.map(|label| requests_family.get_or_create(&[("outcome", label)]).clone());
+        let store_ops_family: HistogramFamily<Labels2> =
             Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "store_operation_duration_seconds",
             "Latency of store operations, by operation and result",
-            store_ops.clone(),
+            store_ops_family.clone(),
         );
-        let upstream: HistogramFamily<Labels1> =
+        let store_ops = OPS.map(|op| {
+            ["ok", "error"].map(|result| {
+                store_ops_family
+                    .get_or_create(&[("op", op.as_str()), ("result", result)])
+                    .clone()
+            })
+        });
+        let upstream_family: HistogramFamily<Labels1> =
             Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "upstream_duration_seconds",
             "Time until the upstream's response head (or failure), by result",
-            upstream.clone(),
+            upstream_family.clone(),
         );
+        let upstream = UPSTREAM_RESULTS
+            .map(|label| upstream_family.get_or_create(&[("result", label)]).clone());
         let in_flight = Gauge::default();
         registry.register(
             "in_flight",
@@ -150,15 +194,13 @@ impl Metrics {
 
     /// An upstream call ended.
     pub fn upstream(&self, result: UpstreamResult, elapsed: Duration) {
-        let label = match result {
-            UpstreamResult::Response => "response",
-            UpstreamResult::Unreachable => "unreachable",
-            UpstreamResult::NoResponse => "no_response",
-            UpstreamResult::Timeout => "timeout",
+        let i = match result {
+            UpstreamResult::Response => 0,
+            UpstreamResult::Unreachable => 1,
+            UpstreamResult::NoResponse => 2,
+            UpstreamResult::Timeout => 3,
         };
-        self.upstream
-            .get_or_create(&[("result", label)])
-            .observe(elapsed.as_secs_f64());
+        self.upstream[i].observe(elapsed.as_secs_f64());
     }
 
     /// An acquire turned a lapsed lease into outcome-unknown.
@@ -174,40 +216,45 @@ impl Metrics {
     }
 }
 
-fn outcome_label(o: RequestOutcome) -> &'static str {
+/// The position of an outcome's label in [`OUTCOMES`].
+fn outcome_index(o: RequestOutcome) -> usize {
     match o {
-        RequestOutcome::Passthrough => "passthrough",
-        RequestOutcome::Rejected => "rejected",
-        RequestOutcome::Executed => "executed",
-        RequestOutcome::Released => "released",
-        RequestOutcome::Replayed => "replayed",
-        RequestOutcome::Conflict => "conflict",
-        RequestOutcome::WaitedReplay => "waited_replay",
-        RequestOutcome::Mismatch => "mismatch",
-        RequestOutcome::StoreError => "store_error",
-        RequestOutcome::FailedOpen => "failed_open",
-        _ => "other",
+        RequestOutcome::Passthrough => 0,
+        RequestOutcome::Rejected => 1,
+        RequestOutcome::Executed => 2,
+        RequestOutcome::Released => 3,
+        RequestOutcome::Replayed => 4,
+        RequestOutcome::Conflict => 5,
+        RequestOutcome::WaitedReplay => 6,
+        RequestOutcome::Mismatch => 7,
+        RequestOutcome::StoreError => 8,
+        RequestOutcome::FailedOpen => 9,
+        _ => 10,
+    }
+}
+
+/// The position of an operation in [`OPS`].
+fn op_index(op: StoreOp) -> usize {
+    match op {
+        StoreOp::Acquire => 0,
+        StoreOp::Renew => 1,
+        StoreOp::Complete => 2,
+        StoreOp::Release => 3,
     }
 }
 
 impl Observer for Metrics {
+    /// The store latency histogram needs the layer to time its store operations.
     fn wants_timings(&self) -> bool {
         true
     }
 
     fn request(&self, outcome: RequestOutcome) {
-        self.requests
-            .get_or_create(&[("outcome", outcome_label(outcome))])
-            .inc();
+        self.requests[outcome_index(outcome)].inc();
     }
 
     fn store_op(&self, op: StoreOp, elapsed: Duration, ok: bool) {
-        self.store_ops
-            .get_or_create(&[
-                ("op", op.as_str()),
-                ("result", if ok { "ok" } else { "error" }),
-            ])
-            .observe(elapsed.as_secs_f64());
+        self.store_ops[op_index(op)][usize::from(!ok)].observe(elapsed.as_secs_f64());
     }
 
     fn in_flight(&self, delta: i64) {

@@ -291,9 +291,10 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let proxy = proxy.clone();
             let routes = routes.clone();
+            let client = ClientAddr::new(peer);
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let (mut parts, body) = request.into_parts();
-                parts.extensions.insert(ClientAddr(peer));
+                parts.extensions.insert(client.clone());
                 if parts.headers.contains_key(IDEMPOTENCY_KEY)
                     && routes.policy_for(&parts).is_some()
                 {

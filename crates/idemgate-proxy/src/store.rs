@@ -118,35 +118,45 @@ async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>, String> {
 /// moments, replaces the placeholder with its real outcome (its token wrote it).
 pub struct Tracked {
     inner: Arc<dyn Store>,
-    /// (record, token) → the retention an outcome-unknown placeholder gets.
-    held: Mutex<HashMap<(RecordId, Token), Duration>>,
+    /// (record, token) → the retention an outcome-unknown placeholder gets, sharded by record
+    /// id: every fresh request inserts and removes an entry, and one lock for all of them was
+    /// a point where every worker thread met every other.
+    held: [Mutex<HeldShard>; HELD_SHARDS],
     metrics: Option<Arc<Metrics>>,
 }
+
+type HeldShard = HashMap<(RecordId, Token), Duration>;
+
+/// Shards of [`Tracked`]'s held set: a power of two well above the worker thread count.
+const HELD_SHARDS: usize = 32;
 
 impl Tracked {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Store>, metrics: Option<Arc<Metrics>>) -> Self {
         Tracked {
             inner,
-            held: Mutex::new(HashMap::new()),
+            held: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             metrics,
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(RecordId, Token), Duration>> {
-        // A panic while holding this lock cannot leave the map inconsistent (single inserts
-        // and removes), so a poisoned lock is still usable.
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, id: &RecordId) -> std::sync::MutexGuard<'_, HeldShard> {
+        // Record ids are SHA-256 digests, so their first byte spreads them evenly.
+        lock(&self.held[usize::from(id.0[0]) % HELD_SHARDS])
     }
 
     /// How many acquired records are unfinished.
     pub fn unfinished(&self) -> usize {
-        self.held().len()
+        self.held.iter().map(|s| lock(s).len()).sum()
     }
 
     /// Completes every unfinished record as outcome-unknown; returns how many were written.
     pub async fn write_off(&self) -> usize {
-        let held: Vec<((RecordId, Token), Duration)> = self.held().drain().collect();
+        let held: Vec<((RecordId, Token), Duration)> = self
+            .held
+            .iter()
+            .flat_map(|s| lock(s).drain().collect::<Vec<_>>())
+            .collect();
         let mut written = 0;
         for ((id, token), ttl) in held {
             let outcome = Outcome::Problem {
@@ -172,6 +182,12 @@ impl Tracked {
     }
 }
 
+fn lock(shard: &Mutex<HeldShard>) -> std::sync::MutexGuard<'_, HeldShard> {
+    // A panic while holding this lock cannot leave the map inconsistent (single inserts and
+    // removes), so a poisoned lock is still usable.
+    shard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[async_trait]
 impl Store for Tracked {
     fn kind(&self) -> &'static str {
@@ -182,7 +198,8 @@ impl Store for Tracked {
         let answer = self.inner.acquire(req).await?;
         match &answer {
             Acquire::Acquired { .. } => {
-                self.held().insert((req.id, req.token), req.retention);
+                self.shard(&req.id)
+                    .insert((req.id, req.token), req.retention);
             }
             Acquire::Completed(c) if c.outcome.is_outcome_unknown() => {
                 // A placeholder written by this very call expires a full retention from now;
@@ -221,13 +238,13 @@ impl Store for Tracked {
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
         let r = self.inner.complete(id, token, outcome, ttl).await?;
-        self.held().remove(&(*id, token));
+        self.shard(id).remove(&(*id, token));
         Ok(r)
     }
 
     async fn release(&self, id: &RecordId, token: Token) -> Result<Release, StoreError> {
         let r = self.inner.release(id, token).await?;
-        self.held().remove(&(*id, token));
+        self.shard(id).remove(&(*id, token));
         Ok(r)
     }
 
