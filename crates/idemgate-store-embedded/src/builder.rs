@@ -12,9 +12,7 @@ use redb::{Database, DatabaseError, Durability, ReadableTable};
 
 use crate::capacity::Capacity;
 use crate::store::EmbeddedStore;
-use crate::tables::{
-    META, META_EPOCH, META_SCHEMA, SCHEMA_VERSION, Stored, WriteTables, read_record,
-};
+use crate::tables::{META, META_EPOCH, META_SCHEMA, SCHEMA_VERSION, WriteTables};
 use crate::writer::{Counters, Writer, WriterConfig};
 
 /// Why [`EmbeddedStore::open`] failed.
@@ -272,7 +270,7 @@ impl EmbeddedStoreBuilder {
     }
 
     /// Turns every InFlight record of an earlier epoch into Completed(outcome-unknown), in
-    /// chunks, through the in-flight index (so the cost follows the number of records that were
+    /// chunks, through the in-flight table (so the cost follows the number of records that were
     /// in flight, not the file size).
     fn convert_lapsed(&self, db: &Database, epoch: Holder) -> Result<u64, OpenError> {
         let fail = |e: redb::Error| self.redb_error(e);
@@ -284,46 +282,37 @@ impl EmbeddedStoreBuilder {
             let mut done = 0usize;
             {
                 let mut t = WriteTables::open(&txn).map_err(|e| fail(e.into()))?;
-                let ids: Vec<[u8; 32]> = t
+                // In-flight records of other epochs; an unreadable one stays as it is (it
+                // answers `Corrupt`) and is not counted, so the loop ends.
+                let held: Vec<([u8; 32], Record)> = t
                     .inflight
                     .iter()
                     .map_err(|e| fail(e.into()))?
                     .filter_map(|e| match e {
-                        Ok((k, v)) if v.value() != epoch.0 => Some(Ok(*k.value())),
-                        Ok(_) => None,
+                        Ok((k, v)) => match Record::decode(v.value()) {
+                            Ok(Record::InFlight(f)) if f.holder != epoch => {
+                                Some(Ok((*k.value(), Record::InFlight(f))))
+                            }
+                            _ => None,
+                        },
                         Err(e) => Some(Err(e)),
                     })
                     .take(CONVERT_CHUNK)
                     .collect::<Result<_, _>>()
                     .map_err(|e| fail(e.into()))?;
-                for raw in ids {
+                for (raw, old) in held {
                     done += 1;
                     let id = RecordId(raw);
-                    match read_record(&t.records, &id).map_err(|e| fail(e.into()))? {
-                        Stored::Record(Record::InFlight(f)) if f.holder == epoch => {
-                            // The index disagrees with the record; the record is the truth.
-                            t.inflight
-                                .insert(&raw, epoch.0)
-                                .map_err(|e| fail(e.into()))?;
-                        }
-                        Stored::Record(old @ Record::InFlight(_)) => {
-                            let Record::InFlight(f) = &old else { continue };
-                            let new = Record::Completed(Completed {
-                                fingerprint: f.fingerprint,
-                                outcome: Outcome::outcome_unknown(),
-                                expires_at: now.after(self.lapsed_retention),
-                                origin_token: f.token,
-                            });
-                            t.put(&id, Some(&old), &new).map_err(|e| fail(e.into()))?;
-                            t.lapsed.insert(&raw, epoch.0).map_err(|e| fail(e.into()))?;
-                            converted += 1;
-                        }
-                        // A stale index entry, or an unreadable record (which stays as it is and
-                        // answers `Corrupt`): only the entry goes.
-                        _ => {
-                            t.inflight.remove(&raw).map_err(|e| fail(e.into()))?;
-                        }
-                    }
+                    let Record::InFlight(f) = &old else { continue };
+                    let new = Record::Completed(Completed {
+                        fingerprint: f.fingerprint,
+                        outcome: Outcome::outcome_unknown(),
+                        expires_at: now.after(self.lapsed_retention),
+                        origin_token: f.token,
+                    });
+                    t.put(&id, Some(&old), &new).map_err(|e| fail(e.into()))?;
+                    t.lapsed.insert(&raw, epoch.0).map_err(|e| fail(e.into()))?;
+                    converted += 1;
                 }
             }
             if done == 0 {

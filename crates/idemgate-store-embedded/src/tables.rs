@@ -4,8 +4,15 @@ use idemgate::record::{Record, RecordId, Timestamp};
 use idemgate::store::StoreError;
 use redb::{ReadableTable, Table, TableDefinition};
 
-/// `record_id → Record::encode()`. Values are whole encoded records, so a value that does not
+/// `record_id → Record::encode()` of every record that is not in flight (Completed, and bytes
+/// written by fault injection). Values are whole encoded records, so a value that does not
 /// decode is reported as [`StoreError::Corrupt`], never as absent.
+///
+/// A record lives in exactly one of this table and [`INFLIGHT`]. The split is for the disk:
+/// record ids are SHA-256 digests, so every write to this large table lands on its own random
+/// leaf page, and each page is an I/O of the commit's fsync. Writing the InFlight record of an
+/// `acquire` into the small [`INFLIGHT`] table instead (where one batch's acquires share a
+/// page or two) halves the random page writes of a fresh request.
 pub(crate) const RECORDS: TableDefinition<'static, &[u8; 32], &[u8]> =
     TableDefinition::new("records");
 
@@ -14,11 +21,12 @@ pub(crate) const RECORDS: TableDefinition<'static, &[u8; 32], &[u8]> =
 /// makes byte order the numeric order.
 pub(crate) const EXPIRY: TableDefinition<'static, &[u8; 40], ()> = TableDefinition::new("expiry");
 
-/// `record_id → holder epoch`, one entry per InFlight record, so the pass that turns the leases
-/// of a dead process into outcome-unknown at open costs time in proportion to the records that
-/// were in flight, not to every record kept for replay.
-pub(crate) const INFLIGHT: TableDefinition<'static, &[u8; 32], u64> =
-    TableDefinition::new("inflight");
+/// `record_id → Record::encode()` of every InFlight record: small (only what is executing now),
+/// so the writes of a batch share its few pages, and the pass that turns the leases of a dead
+/// process into outcome-unknown at open costs time in proportion to the records that were in
+/// flight, not to every record kept for replay.
+pub(crate) const INFLIGHT: TableDefinition<'static, &[u8; 32], &[u8]> =
+    TableDefinition::new("inflight_records");
 
 /// `record_id → epoch of the open that converted it`: the outcome-unknown placeholders that the
 /// open made from the leases of a dead process. The route's `on_lease_expiry` was not known
@@ -34,8 +42,9 @@ pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::ne
 pub(crate) const META_EPOCH: &str = "epoch";
 /// Key of the schema version in [`META`].
 pub(crate) const META_SCHEMA: &str = "schema";
-/// The table layout this build writes.
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+/// The table layout this build writes. Version 1 kept InFlight records in [`RECORDS`] with an
+/// `inflight` index beside them; its files are refused (nothing was released with it).
+pub(crate) const SCHEMA_VERSION: u64 = 2;
 
 /// The expiry-index key of a Completed record.
 pub(crate) fn expiry_key(expires_at: Timestamp, id: &RecordId) -> [u8; 40] {
@@ -72,25 +81,35 @@ impl Stored {
     }
 }
 
-/// Reads the record under `id` from any readable table of [`RECORDS`].
+/// Reads the record under `id` from readable tables of [`RECORDS`] and [`INFLIGHT`] (the
+/// small table first).
 pub(crate) fn read_record(
-    table: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    records: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    inflight: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
     id: &RecordId,
 ) -> Result<Stored, redb::StorageError> {
-    Ok(match table.get(&id.0)? {
+    let value = match inflight.get(&id.0)? {
+        Some(v) => Some(v),
+        None => records.get(&id.0)?,
+    };
+    Ok(match value {
         None => Stored::Absent,
-        Some(v) => match Record::decode(v.value()) {
-            Ok(r) => Stored::Record(r),
-            Err(e) => Stored::Unreadable(e.0),
-        },
+        Some(v) => decode(v.value()),
     })
+}
+
+fn decode(bytes: &[u8]) -> Stored {
+    match Record::decode(bytes) {
+        Ok(r) => Stored::Record(r),
+        Err(e) => Stored::Unreadable(e.0),
+    }
 }
 
 /// The tables a record write touches, opened once per write transaction.
 pub(crate) struct WriteTables<'txn> {
     pub(crate) records: Table<'txn, &'static [u8; 32], &'static [u8]>,
     pub(crate) expiry: Table<'txn, &'static [u8; 40], ()>,
-    pub(crate) inflight: Table<'txn, &'static [u8; 32], u64>,
+    pub(crate) inflight: Table<'txn, &'static [u8; 32], &'static [u8]>,
     pub(crate) lapsed: Table<'txn, &'static [u8; 32], u64>,
 }
 
@@ -105,6 +124,11 @@ impl<'txn> WriteTables<'txn> {
         })
     }
 
+    /// The record under `id`, read in this transaction.
+    pub(crate) fn read(&self, id: &RecordId) -> Result<Stored, redb::StorageError> {
+        read_record(&self.records, &self.inflight, id)
+    }
+
     /// Replaces whatever is under `id` (`old`, as read in this transaction) with `new`, keeping
     /// the expiry index in step: the old Completed record's entry goes, the new one's comes.
     pub(crate) fn put(
@@ -115,14 +139,26 @@ impl<'txn> WriteTables<'txn> {
     ) -> Result<(), redb::StorageError> {
         self.unindex(id, old)?;
         self.lapsed.remove(&id.0)?;
-        self.records.insert(&id.0, new.encode().as_slice())?;
         match new {
             Record::Completed(c) => {
+                self.records.insert(&id.0, new.encode().as_slice())?;
                 self.expiry.insert(&expiry_key(c.expires_at, id), ())?;
-                self.inflight.remove(&id.0)?;
+                if !matches!(old, Some(Record::Completed(_))) {
+                    self.inflight.remove(&id.0)?;
+                }
             }
-            Record::InFlight(f) => {
-                self.inflight.insert(&id.0, f.holder.0)?;
+            Record::InFlight(_) => {
+                self.inflight.insert(&id.0, new.encode().as_slice())?;
+                if !matches!(old, Some(Record::InFlight(f)) if f.holder.0 != 0) {
+                    // Whatever `old` says (an acquire may present a lapsed placeholder as the
+                    // lease it stands for), nothing of this id may stay in the other table. A
+                    // remove of an absent key writes no page.
+                    if let Some(gone) = self.records.remove(&id.0)?
+                        && let Stored::Record(Record::Completed(c)) = decode(gone.value())
+                    {
+                        self.expiry.remove(&expiry_key(c.expires_at, id))?;
+                    }
+                }
             }
         }
         Ok(())
@@ -136,8 +172,8 @@ impl<'txn> WriteTables<'txn> {
         old: Option<&Record>,
     ) -> Result<(), redb::StorageError> {
         self.unindex(id, old)?;
+        // Both tables, unconditionally: an unreadable record (force-deleted) may be in either.
         self.records.remove(&id.0)?;
-        // Unconditional: an unreadable record (force-deleted) may have had entries.
         self.inflight.remove(&id.0)?;
         self.lapsed.remove(&id.0)?;
         Ok(())

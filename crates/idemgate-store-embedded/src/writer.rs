@@ -20,7 +20,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
 use crate::capacity::Capacity;
-use crate::tables::{RECORDS, Stored, WriteTables, expiry_key, read_record, split_expiry_key};
+use crate::tables::{
+    INFLIGHT, RECORDS, Stored, WriteTables, expiry_key, read_record, split_expiry_key,
+};
 
 /// One operation of the [`Store`](idemgate::store::Store) contract, as queued to the writer.
 pub(crate) enum OpKind {
@@ -332,11 +334,12 @@ impl Writer {
     ) -> Result<Vec<Result<Output, StoreError>>, StoreError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let records = txn.open_table(RECORDS).map_err(store_err)?;
+        let inflight = txn.open_table(INFLIGHT).map_err(store_err)?;
         let now = Timestamp::now();
         let mut answers = Vec::with_capacity(batch.len());
         for (op, _) in batch {
             if let OpKind::Get { id } = op {
-                let stored = read_record(&records, id).map_err(store_err)?;
+                let stored = read_record(&records, &inflight, id).map_err(store_err)?;
                 answers.push(stored.readable(id).map(|r| Output::Record(live(r, now))));
             }
         }
@@ -350,7 +353,7 @@ impl Writer {
         let now = Timestamp::now();
         Ok(match op {
             OpKind::Acquire(req) => {
-                let current = match read_record(&t.records, &req.id)?.readable(&req.id) {
+                let current = match t.read(&req.id)?.readable(&req.id) {
                     Ok(c) => c,
                     Err(e) => return Ok(Applied::read(Err(e))),
                 };
@@ -375,7 +378,7 @@ impl Writer {
                 }
             }
             OpKind::Renew { id, token, lease } => {
-                let current = match read_record(&t.records, id)?.readable(id) {
+                let current = match t.read(id)?.readable(id) {
                     Ok(c) => c,
                     Err(e) => return Ok(Applied::read(Err(e))),
                 };
@@ -398,7 +401,7 @@ impl Writer {
                 outcome,
                 ttl,
             } => {
-                let current = match read_record(&t.records, id)?.readable(id) {
+                let current = match t.read(id)?.readable(id) {
                     Ok(c) => c,
                     Err(e) => return Ok(Applied::read(Err(e))),
                 };
@@ -423,7 +426,7 @@ impl Writer {
                 }
             }
             OpKind::Release { id, token } => {
-                let current = match read_record(&t.records, id)?.readable(id) {
+                let current = match t.read(id)?.readable(id) {
                     Ok(c) => c,
                     Err(e) => return Ok(Applied::read(Err(e))),
                 };
@@ -437,11 +440,11 @@ impl Writer {
                 }
             }
             OpKind::Get { id } => Applied::read(
-                read_record(&t.records, id)?
+                t.read(id)?
                     .readable(id)
                     .map(|r| Output::Record(live(r, now))),
             ),
-            OpKind::Delete { id, force } => match read_record(&t.records, id)? {
+            OpKind::Delete { id, force } => match t.read(id)? {
                 Stored::Absent => Applied::read(Ok(Output::Deletion(Deletion::NotFound))),
                 // An operator's way out of an unreadable record; without `force` it is refused
                 // like everything else that meets one.
@@ -466,7 +469,7 @@ impl Writer {
                 }
             },
             OpKind::Resolve { id, resolution } => {
-                let current = match read_record(&t.records, id)?.readable(id) {
+                let current = match t.read(id)?.readable(id) {
                     Ok(c) => c,
                     Err(e) => return Ok(Applied::read(Err(e))),
                 };
@@ -498,6 +501,7 @@ impl Writer {
             OpKind::Ping => Applied::read(Ok(Output::Pong)),
             OpKind::RawPut { id, bytes } => {
                 t.records.insert(&id.0, bytes.as_slice())?;
+                t.inflight.remove(&id.0)?;
                 Applied::wrote(Output::Pong, Some(*id))
             }
         })
@@ -558,8 +562,7 @@ impl Writer {
                 // The index may hold an entry the record no longer matches (an unreadable
                 // record was force-deleted); only a Completed record with exactly this expiry is
                 // the one the entry stands for.
-                if let Stored::Record(Record::Completed(c)) =
-                    read_record(&t.records, &id).map_err(store_err)?
+                if let Stored::Record(Record::Completed(c)) = t.read(&id).map_err(store_err)?
                     && c.expires_at == expires_at
                     && c.expires_at <= now
                 {
