@@ -19,7 +19,8 @@
 //!   `acquire` is one `INSERT … ON CONFLICT … DO UPDATE … WHERE …` that also reads the snapshot
 //!   row, implementing `decide_acquire`'s table (a lapsed lease becomes the outcome-unknown
 //!   placeholder, or a fresh attempt under `re-execute`; a Completed record past `expires_at`
-//!   is replaced). When a concurrent writer changes the row between the statement's snapshot
+//!   is replaced). A replay, a mismatch or an in-flight duplicate is answered from the snapshot
+//!   without running the insert: no row lock, no WAL, no fsync. When a concurrent writer changes the row between the statement's snapshot
 //!   and its write, the statement returns no answer and is run again (bounded). `renew`,
 //!   `complete` (fenced as `may_complete`) and `release` are one statement each.
 //! - Every operation is idempotent for its token; connection failures (e.g. pooled

@@ -90,8 +90,10 @@
 //!   life, so this works; session state set inside the handler does not outlive T. The
 //!   store's LISTEN connection needs a direct (or session-pooled) URL, see the
 //!   [crate docs](crate#pgbouncer).
-//! - Between the fenced `UPDATE` and `COMMIT` the record's row is locked: a duplicate that
-//!   arrives in that window waits for the commit (a few milliseconds) and then replays.
+//! - Between the fenced `UPDATE` and `COMMIT` the record's row is locked. A duplicate that
+//!   arrives in that window while the lease is live gets 409 at once (the record is still in
+//!   flight in its snapshot) without waiting; once the lease has lapsed it waits for the commit
+//!   (a few milliseconds) and then replays.
 //! - Response bodies are collected before `COMMIT`; a body larger than `max_stored_response`
 //!   commits as "not stored" (retries get 410) and streams to the first client after the
 //!   commit.
