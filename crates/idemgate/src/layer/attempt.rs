@@ -148,45 +148,51 @@ where
         let mut work = pin!(drive(
             &shared, id, token, inner, request, &policy, respond, &settled
         ));
-        loop {
-            let wake = if Instant::now() < hold_until {
-                next_renewal.min(hold_until)
-            } else if !written_off {
-                next_write_off
-            } else {
-                give_up_at
-            };
-            tokio::select! {
-                biased;
-                driven = &mut work => break Some(driven),
-                _ = tokio::time::sleep_until(wake) => {
-                    let now = Instant::now();
-                    if now < hold_until {
-                        next_renewal = now + renew_every;
-                        if !settled.load(Ordering::Acquire) {
-                            renew(&shared, id, token, policy.lease).await;
-                        }
-                    } else if !written_off {
-                        if next_write_off == hold_until {
-                            shared.observer.lease_abandoned();
-                            tracing::warn!(record_id = %id, "attempt exceeded max_lease_hold; recording outcome-unknown");
-                        }
-                        // Written inline, never queued: a queued write-off could land after the
-                        // real outcome and replace it.
-                        let op = FinishOp::Complete {
-                            outcome: Outcome::Problem { kind: StoredProblemKind::OutcomeUnknown, status: 504 },
-                            ttl: policy.ttl,
-                        };
-                        match try_finish(&shared, id, token, &op).await {
-                            Ok(_) => written_off = true,
-                            Err(e) => {
-                                tracing::warn!(record_id = %id, error = %e, "recording outcome-unknown failed; trying again");
-                                next_write_off = now + PLACEHOLDER_RETRY;
+        // An inner service that answers at once needs no lease timer.
+        let at_once = futures_util::FutureExt::now_or_never(work.as_mut());
+        if let Some(driven) = at_once {
+            Some(driven)
+        } else {
+            loop {
+                let wake = if Instant::now() < hold_until {
+                    next_renewal.min(hold_until)
+                } else if !written_off {
+                    next_write_off
+                } else {
+                    give_up_at
+                };
+                tokio::select! {
+                    biased;
+                    driven = &mut work => break Some(driven),
+                    _ = tokio::time::sleep_until(wake) => {
+                        let now = Instant::now();
+                        if now < hold_until {
+                            next_renewal = now + renew_every;
+                            if !settled.load(Ordering::Acquire) {
+                                renew(&shared, id, token, policy.lease).await;
                             }
+                        } else if !written_off {
+                            if next_write_off == hold_until {
+                                shared.observer.lease_abandoned();
+                                tracing::warn!(record_id = %id, "attempt exceeded max_lease_hold; recording outcome-unknown");
+                            }
+                            // Written inline, never queued: a queued write-off could land after the
+                            // real outcome and replace it.
+                            let op = FinishOp::Complete {
+                                outcome: Outcome::Problem { kind: StoredProblemKind::OutcomeUnknown, status: 504 },
+                                ttl: policy.ttl,
+                            };
+                            match try_finish(&shared, id, token, &op).await {
+                                Ok(_) => written_off = true,
+                                Err(e) => {
+                                    tracing::warn!(record_id = %id, error = %e, "recording outcome-unknown failed; trying again");
+                                    next_write_off = now + PLACEHOLDER_RETRY;
+                                }
+                            }
+                        } else {
+                            tracing::error!(record_id = %id, "attempt still hung a max_lease_hold after its write-off; dropping it");
+                            break None;
                         }
-                    } else {
-                        tracing::error!(record_id = %id, "attempt still hung a max_lease_hold after its write-off; dropping it");
-                        break None;
                     }
                 }
             }

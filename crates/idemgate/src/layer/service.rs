@@ -465,21 +465,29 @@ where
     let mut rest: Option<BytesMut> = None;
     let mut total: u64 = 0;
     loop {
-        let frame =
-            match tokio::time::timeout(policy.request_body_timeout, body.as_mut().frame()).await {
-                Err(_) => {
-                    return Err(Problem::new(ProblemKind::RequestBodyTimeout)
-                        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    let e: BoxError = e.into();
-                    tracing::debug!(error = %e, "request body ended early; nothing executed");
-                    return Err(Problem::new(ProblemKind::RequestBodyIncomplete)
-                        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
+        // A frame already buffered needs no timer; only a body that has to wait is timed.
+        // Errors become `BoxError` (which is `Send`) before anything is held across the await.
+        let ready = futures_util::FutureExt::now_or_never(body.as_mut().frame())
+            .map(|f| f.map(|r| r.map_err(Into::<BoxError>::into)));
+        let next = match ready {
+            Some(ready) => Ok(ready),
+            None => tokio::time::timeout(policy.request_body_timeout, body.as_mut().frame())
+                .await
+                .map(|f| f.map(|r| r.map_err(Into::<BoxError>::into))),
+        };
+        let frame = match next {
+            Err(_) => {
+                return Err(Problem::new(ProblemKind::RequestBodyTimeout)
+                    .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "request body ended early; nothing executed");
+                return Err(Problem::new(ProblemKind::RequestBodyIncomplete)
+                    .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
         let Ok(data) = frame.into_data() else {
             continue;
         };
