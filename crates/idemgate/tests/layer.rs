@@ -339,13 +339,10 @@ async fn a_hung_handler_becomes_outcome_unknown_at_max_lease_hold() {
     let first = tokio::spawn(async move { c.post("/hang", Some("\"h\""), b"x").await });
     assert!(eventually(Duration::from_secs(2), || s.executions.total() == 1).await);
     let started = tokio::time::Instant::now();
-    let answer = loop {
-        let a = s.client.post("/hang", Some("\"h\""), b"x").await;
-        if a.status != 409 || started.elapsed() > Duration::from_secs(3) {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let answer = s
+        .client
+        .post_until_settled("/hang", Some("\"h\""), b"x", Duration::from_secs(3))
+        .await;
     assert!(
         started.elapsed() <= Duration::from_secs(2),
         "took {:?}",
@@ -491,14 +488,10 @@ async fn the_work_finishes_when_the_client_vanishes_before_the_head() {
     assert!(eventually(Duration::from_secs(2), || s.executions.total() == 1).await);
     drop(conn);
     // The handler still finishes and its outcome is stored.
-    let started = tokio::time::Instant::now();
-    let retry = loop {
-        let a = s.client.post("/slow", Some("\"v\""), b"x").await;
-        if a.status != 409 || started.elapsed() > Duration::from_secs(5) {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let retry = s
+        .client
+        .post_until_settled("/slow", Some("\"v\""), b"x", Duration::from_secs(5))
+        .await;
     assert_eq!(retry.status, 201);
     assert!(retry.replayed());
     assert_eq!(s.executions.total(), 1);
@@ -527,14 +520,16 @@ async fn the_work_finishes_when_the_client_vanishes_during_a_5_mib_body() {
     }
     drop(conn);
     let headers = [("idempotency-key", "\"d\"".to_owned())];
-    let started = tokio::time::Instant::now();
-    let retry = loop {
-        let a = s.client.send("POST", &path, &headers, Bytes::new()).await;
-        if a.status != 409 || started.elapsed() > Duration::from_secs(10) {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let retry = s
+        .client
+        .send_until_settled(
+            "POST",
+            &path,
+            &headers,
+            Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await;
     assert_eq!(retry.status, 200);
     assert!(retry.replayed());
     assert_eq!(retry.body.len(), len);
@@ -957,14 +952,10 @@ async fn a_maybe_applied_acquire_that_then_fails_is_released() {
     let s = setup_with(Arc::new(faulty), Policy::default()).await;
     let a = s.client.post("/charge", Some("\"ma\""), b"x").await;
     assert_eq!(a.status, 503);
-    let started = tokio::time::Instant::now();
-    let retry = loop {
-        let a = s.client.post("/charge", Some("\"ma\""), b"x").await;
-        if a.status != 409 || started.elapsed() > Duration::from_secs(3) {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let retry = s
+        .client
+        .post_until_settled("/charge", Some("\"ma\""), b"x", Duration::from_secs(3))
+        .await;
     assert_eq!(retry.status, 201, "{:?}", retry.problem());
     assert!(!retry.replayed());
     assert_eq!(s.executions.total(), 1);

@@ -24,14 +24,14 @@ use tower_service::Service;
 
 use super::OutcomeHint;
 use super::body::{BoxError, ClientFlow, RequestBody, ResponseBody};
-use super::finisher::FinishOp;
+use super::finisher::{self, FinishOp};
 use super::replay::storable_head;
 use super::service::{Shared, with_tries};
 use crate::observe::{RequestOutcome, StoreOp};
 use crate::policy::{Ambiguous, OnError, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{Outcome, RecordId, StoredProblemKind, Token};
-use crate::store::{Completion, Release, Renewal, StoreError};
+use crate::store::{Renewal, StoreError};
 
 /// Bodies with an exact size up to this are collected before the client gets the response, so
 /// the common small response costs no channel and is stored before it is sent.
@@ -241,20 +241,8 @@ async fn try_finish(
         FinishOp::Release => StoreOp::Release,
         FinishOp::Nothing => return Ok(true),
     };
-    let done = with_tries(shared, store_op, || async {
-        match op {
-            FinishOp::Complete { outcome, ttl } => shared
-                .store
-                .complete(&id, token, outcome, *ttl)
-                .await
-                .map(|c| c == Completion::Stored),
-            FinishOp::Release => shared
-                .store
-                .release(&id, token)
-                .await
-                .map(|r| r == Release::Released),
-            FinishOp::Nothing => Ok(true),
-        }
+    let done = with_tries(shared, store_op, || {
+        finisher::apply(shared.store.as_ref(), &id, token, op)
     })
     .await?;
     if !done {

@@ -266,6 +266,42 @@ impl TestClient {
             .await
     }
 
+    /// Sends until the answer is not 409 (the first attempt still running), or `within` passes;
+    /// returns the last answer.
+    pub async fn send_until_settled(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        within: Duration,
+    ) -> Answer {
+        let started = tokio::time::Instant::now();
+        loop {
+            let a = self.send(method, path, headers, body.clone()).await;
+            if a.status != 409 || started.elapsed() > within {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// [`TestClient::send_until_settled`] for a POST with an optional key.
+    pub async fn post_until_settled(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &'static [u8],
+        within: Duration,
+    ) -> Answer {
+        let headers: Vec<(&str, String)> = key
+            .map(|k| ("idempotency-key", k.to_owned()))
+            .into_iter()
+            .collect();
+        self.send_until_settled("POST", path, &headers, Bytes::from_static(body), within)
+            .await
+    }
+
     pub async fn send(
         &self,
         method: &str,
