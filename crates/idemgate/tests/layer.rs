@@ -854,6 +854,60 @@ async fn outcome_hints_from_a_forwarding_service() {
     assert_eq!(count(), 5);
 }
 
+/// A response body that arrives as one slice of a bigger buffer (as hyper hands out slices of
+/// its 8 KiB read buffer) is stored as its own copy: the record must not keep the whole buffer
+/// alive for its TTL.
+#[tokio::test]
+async fn a_stored_body_does_not_pin_the_buffer_it_was_read_from() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let buffer = Bytes::from(vec![b'x'; 8 * 1024]);
+    let inner = {
+        let buffer = buffer.clone();
+        tower::service_fn(
+            move |_req: http::Request<
+                idemgate::layer::RequestBody<http_body_util::Full<Bytes>>,
+            >| {
+                let slice = buffer.slice(100..160);
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(slice),
+                    ))
+                }
+            },
+        )
+    };
+    let store = Arc::new(MemoryStore::builder().build());
+    let layer = IdempotencyLayer::builder(store.clone())
+        .policy(idemgate::policy::MethodPolicy::new(Policy::default()))
+        .build();
+    let svc = tower::Layer::layer(&layer, inner);
+    let req = || {
+        http::Request::post("/charge")
+            .header("idempotency-key", "\"pin\"")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = svc.clone().oneshot(req()).await.unwrap();
+    let body = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 60);
+    drop(body);
+    let retry = svc.clone().oneshot(req()).await.unwrap();
+    assert!(retry.headers().contains_key("idempotent-replayed"));
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        &buffer[100..160]
+    );
+    // The store (and its record) lives on; the service's own handle on the buffer goes.
+    drop(svc);
+    drop(layer);
+    assert!(store.used_bytes() > 0, "the record is still stored");
+    assert!(
+        eventually(Duration::from_secs(2), || buffer.is_unique()).await,
+        "the stored record still references the 8 KiB buffer"
+    );
+}
+
 /// The engine under a store that fails before and after applying, and delays: whatever the
 /// faults, no key ever executes twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -411,15 +411,24 @@ where
                 }
             }
         }
-        let body = match (first, more) {
-            (_, Some(buf)) => buf.freeze(),
-            (Some(f), None) => f,
-            (None, None) => Bytes::new(),
+        let (sent, stored) = match (first, more) {
+            (_, Some(buf)) => {
+                let b = buf.freeze();
+                (b.clone(), b)
+            }
+            // A single frame is a slice of the connection's read buffer (hyper's is 8 KiB and
+            // more): stored as is, it would keep that whole buffer alive for the record's TTL
+            // in an in-memory store. The client gets the slice; the record gets its own copy.
+            (Some(f), None) => {
+                let copy = Bytes::copy_from_slice(&f);
+                (f, copy)
+            }
+            (None, None) => (Bytes::new(), Bytes::new()),
         };
-        let response = Response::from_parts(parts, ResponseBody::full(body.clone()));
+        let response = Response::from_parts(parts, ResponseBody::full(sent));
         return Driven {
             op: FinishOp::Complete {
-                outcome: Outcome::Response { head, body },
+                outcome: Outcome::Response { head, body: stored },
                 ttl: policy.ttl,
             },
             outcome: RequestOutcome::Executed,
