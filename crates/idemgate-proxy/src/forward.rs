@@ -1,8 +1,9 @@
 //! The upstream-forwarding service that [`IdempotencyLayer`](idemgate::IdempotencyLayer) wraps.
 //!
 //! It rewrites the request for the upstream (URI, hop-by-hop headers, `X-Forwarded-*`), sends it
-//! over a pooled hyper client (HTTP/1.1, and HTTP/2 where TLS ALPN offers it), and classifies
-//! failures as SPEC §6 does, telling the layer through [`OutcomeHint`]:
+//! over pooled connections (a plain-HTTP upstream: HTTP/1.1 through [`Http1Pool`]; HTTPS:
+//! hyper-util's client, HTTP/1.1 or HTTP/2 as TLS ALPN offers), and classifies failures as
+//! SPEC §6 does, telling the layer through [`OutcomeHint`]:
 //!
 //! | what failed | answer | hint |
 //! |---|---|---|
@@ -25,7 +26,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -36,9 +36,10 @@ use idemgate::problem::{Problem, ProblemKind};
 use tower_service::Service;
 
 use crate::metrics::{Metrics, UpstreamResult};
+use crate::pool::{Http1Pool, PoolError, UpstreamBody};
 
 /// The body the forwarder answers with: the upstream's, streamed, or a problem of idemgate's.
-pub type ForwardBody = Either<Incoming, Full<Bytes>>;
+pub type ForwardBody<B> = Either<UpstreamBody<B>, Full<Bytes>>;
 
 /// Idle pooled connections are closed after this: below common server keep-alive timeouts
 /// (nginx 75 s, Node 5 s, Go 90 s, gunicorn 2 s…), so idemgate rarely reuses a connection the
@@ -86,8 +87,16 @@ impl<B> Clone for Forwarder<B> {
     }
 }
 
+/// How requests reach the upstream.
+enum Connections<B> {
+    /// `http://`: HTTP/1.1 keep-alive connections of our own.
+    Plain(Http1Pool<B>),
+    /// `https://`: hyper-util's client (TLS, and HTTP/2 where ALPN picks it).
+    Tls(Box<Client<HttpsConnector<HttpConnector>, B>>),
+}
+
 struct Shared<B> {
-    client: Client<HttpsConnector<HttpConnector>, B>,
+    connections: Connections<B>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// The upstream URL's path without its trailing `/`, prefixed to every request path.
@@ -116,24 +125,9 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    /// A forwarder with a pooled client (webpki roots; rustls with the ring provider).
+    /// A forwarder with pooled connections (HTTPS: webpki roots, rustls with the ring
+    /// provider).
     pub fn new(config: ForwardConfig, metrics: Option<Arc<Metrics>>) -> Result<Self, String> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-            .map_err(|e| format!("TLS setup failed: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
         let parts = config.upstream.into_parts();
         let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
             return Err("the upstream URL needs a scheme and a host".into());
@@ -142,15 +136,20 @@ where
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_owned())
             .unwrap_or_default();
-        let host = (scheme == http::uri::Scheme::HTTP).then(|| host_header(&authority));
-        let host = match host {
-            Some(Ok(h)) => Some(h),
-            Some(Err(e)) => return Err(e),
-            None => None,
+        let (connections, host) = if scheme == http::uri::Scheme::HTTP {
+            let pool = Http1Pool::new(
+                authority.host(),
+                authority.port_u16().unwrap_or(80),
+                POOL_IDLE_TIMEOUT,
+                CONNECT_TIMEOUT,
+            );
+            (Connections::Plain(pool), Some(host_header(&authority)?))
+        } else {
+            (Connections::Tls(Box::new(tls_client()?)), None)
         };
         Ok(Forwarder {
             shared: Arc::new(Shared {
-                client,
+                connections,
                 scheme,
                 authority,
                 base_path,
@@ -161,6 +160,29 @@ where
             }),
         })
     }
+}
+
+fn tls_client<B>() -> Result<Client<HttpsConnector<HttpConnector>, B>, String>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https))
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones the
@@ -281,11 +303,18 @@ fn rewrite_head(
         http::uri::PathAndQuery::try_from(format!("{base_path}{pq}"))
             .map_err(|e| format!("cannot build the upstream URI: {e}"))?
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(scheme.clone());
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    parts.uri = Uri::from_parts(uri).map_err(|e| format!("cannot build the upstream URI: {e}"))?;
+    if host.is_some() {
+        // A plain-HTTP upstream: the HTTP/1 pool writes the URI as is, so origin-form.
+        parts.uri = Uri::from(path_and_query);
+    } else {
+        // hyper-util's client picks the connection by the absolute URI.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme.clone());
+        uri.authority = Some(authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        parts.uri =
+            Uri::from_parts(uri).map_err(|e| format!("cannot build the upstream URI: {e}"))?;
+    }
     // The pooled client picks HTTP/2 by ALPN; it refuses an HTTP/2 request on an HTTP/1
     // connection, so every request starts as HTTP/1.1.
     parts.version = Version::HTTP_11;
@@ -324,7 +353,11 @@ pub fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
     Failure::NoResponse
 }
 
-fn problem(kind: ProblemKind, status: StatusCode, hint: OutcomeHint) -> Response<ForwardBody> {
+fn problem<B>(
+    kind: ProblemKind,
+    status: StatusCode,
+    hint: OutcomeHint,
+) -> Response<ForwardBody<B>> {
     let mut r: Response<Full<Bytes>> = Problem::new(kind).with_status(status).into_response();
     r.extensions_mut().insert(hint);
     r.map(Either::Right)
@@ -335,9 +368,10 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<ForwardBody>;
+    type Response = Response<ForwardBody<B>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ForwardBody>, Infallible>> + Send>>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Response<ForwardBody<B>>, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -349,7 +383,7 @@ where
     }
 }
 
-async fn forward<B>(shared: &Shared<B>, request: Request<B>) -> Response<ForwardBody>
+async fn forward<B>(shared: &Shared<B>, request: Request<B>) -> Response<ForwardBody<B>>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -377,11 +411,23 @@ where
         );
     }
     let started = Instant::now();
-    let result = tokio::time::timeout(
-        timeout,
-        shared.client.request(Request::from_parts(parts, body)),
-    )
-    .await;
+    let request = Request::from_parts(parts, body);
+    let sending = async {
+        match &shared.connections {
+            Connections::Plain(pool) => pool.send(request).await.map_err(|e| {
+                let failure = match e {
+                    PoolError::Connect(_) => Failure::NotSent,
+                    PoolError::Sent(_) => Failure::NoResponse,
+                };
+                (failure, e.to_string())
+            }),
+            Connections::Tls(client) => match client.request(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::unpooled)),
+                Err(e) => Err((classify(&e), error_chain(&e))),
+            },
+        }
+    };
+    let result = tokio::time::timeout(timeout, sending).await;
     let observe = |r: UpstreamResult| {
         if let Some(m) = &shared.metrics {
             m.upstream(r, started.elapsed());
@@ -394,10 +440,10 @@ where
             strip_hop_by_hop(&mut parts.headers, false);
             Response::from_parts(parts, Either::Left(body))
         }
-        Ok(Err(e)) => match classify(&e) {
+        Ok(Err((failure, error))) => match failure {
             Failure::NotSent => {
                 observe(UpstreamResult::Unreachable);
-                tracing::warn!(error = %error_chain(&e), "upstream unreachable; request not sent");
+                tracing::warn!(%error, "upstream unreachable; request not sent");
                 problem(
                     ProblemKind::UpstreamUnreachable,
                     StatusCode::BAD_GATEWAY,
@@ -406,7 +452,7 @@ where
             }
             Failure::NoResponse => {
                 observe(UpstreamResult::NoResponse);
-                tracing::warn!(error = %error_chain(&e), "upstream sent no response head; outcome unknown");
+                tracing::warn!(%error, "upstream sent no response head; outcome unknown");
                 problem(
                     ProblemKind::OutcomeUnknown,
                     StatusCode::BAD_GATEWAY,
@@ -534,7 +580,7 @@ mod tests {
         .unwrap()
     }
 
-    async fn call(f: &mut Forwarder<Full<Bytes>>) -> Response<ForwardBody> {
+    async fn call(f: &mut Forwarder<Full<Bytes>>) -> Response<ForwardBody<Full<Bytes>>> {
         let mut req = Request::post("/charge")
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap();
@@ -542,7 +588,7 @@ mod tests {
         f.call(req).await.unwrap()
     }
 
-    async fn problem_type(r: Response<ForwardBody>) -> String {
+    async fn problem_type(r: Response<ForwardBody<Full<Bytes>>>) -> String {
         let body = r.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         v["type"].as_str().unwrap().to_owned()

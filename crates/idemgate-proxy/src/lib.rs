@@ -14,6 +14,7 @@ pub mod demo;
 pub mod forward;
 pub mod keys;
 pub mod metrics;
+pub mod pool;
 pub mod routes;
 pub mod scope;
 pub mod server;
