@@ -1,7 +1,8 @@
-//! One acquired attempt, driven by a task idemgate owns (SPEC §5: the client may vanish; the
-//! work may not).
+//! One acquired attempt, driven by the request's own future and, once the client's answer is
+//! known or the client vanishes first, by a task idemgate owns (SPEC §5: the client may vanish;
+//! the work may not).
 //!
-//! The task calls the inner service, drives the whole response body, renews the lease every
+//! The attempt calls the inner service, drives the whole response body, renews the lease every
 //! third of it, and stores the outcome (or releases the key) whether or not the client still
 //! reads. The client gets the response as soon as it is known; for a body that streams, it gets
 //! the frames as they arrive and sees the end of the body only once the outcome is stored, so a

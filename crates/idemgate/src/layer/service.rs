@@ -703,8 +703,12 @@ where
         token: acquire.token,
         ttl: policy.ttl,
     });
-    // The work belongs to idemgate from here: it goes on if the client vanishes.
-    tokio::spawn(attempt::run(Attempt {
+    // The work belongs to idemgate from here: it goes on if the client vanishes. It is driven
+    // here, in the client's task, until the client's answer is known; whatever is left then
+    // (a streamed body, a late outcome after the client deadline) or when this future is
+    // dropped first runs on a task of its own. Most attempts finish here and never cost a task
+    // spawn or a wake-up across tasks.
+    let mut attempt = Detachable(Some(Box::pin(attempt::run(Attempt {
         shared,
         inner,
         request: Request::from_parts(parts, RequestBody::buffered(bytes)),
@@ -712,14 +716,23 @@ where
         token: acquire.token,
         policy,
         respond,
-    }));
+    }))));
     guard.disarm();
-    let response = async {
-        response.await.unwrap_or_else(|_| {
-            // The attempt task ended without answering: only a runtime shutdown does that.
-            Problem::new(ProblemKind::OutcomePending).into_response()
-        })
-    };
+    let mut response = response;
+    let response = std::future::poll_fn(|cx| {
+        if let Some(work) = attempt.0.as_mut() {
+            if work.as_mut().poll(cx).is_ready() {
+                attempt.0 = None;
+            }
+        }
+        match Pin::new(&mut response).poll(cx) {
+            Poll::Ready(answer) => Poll::Ready(answer.unwrap_or_else(|_| {
+                // The attempt ended without answering: only a runtime shutdown does that.
+                Problem::new(ProblemKind::OutcomePending).into_response()
+            })),
+            Poll::Pending => Poll::Pending,
+        }
+    });
     match client_deadline {
         Some(deadline) => match tokio::time::timeout(deadline, response).await {
             Ok(r) => r,
@@ -733,6 +746,24 @@ where
                 .with_status(StatusCode::GATEWAY_TIMEOUT)
                 .into_response(),
         },
+    }
+}
+
+/// An attempt driven by the request's own future; what is left of it when that future is done
+/// or dropped goes on in a task of its own.
+struct Detachable(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        let Some(work) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(work);
+            }
+            // No runtime to run it (shutting down): dropping it lets its guard record
+            // outcome-unknown where it can.
+            Err(_) => drop(work),
+        }
     }
 }
 
