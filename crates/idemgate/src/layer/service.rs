@@ -720,10 +720,10 @@ where
     guard.disarm();
     let mut response = response;
     let response = std::future::poll_fn(|cx| {
-        if let Some(work) = attempt.0.as_mut() {
-            if work.as_mut().poll(cx).is_ready() {
-                attempt.0 = None;
-            }
+        if let Some(work) = attempt.0.as_mut()
+            && work.as_mut().poll(cx).is_ready()
+        {
+            attempt.0 = None;
         }
         match Pin::new(&mut response).poll(cx) {
             Poll::Ready(answer) => Poll::Ready(answer.unwrap_or_else(|_| {
