@@ -117,6 +117,8 @@ async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>, String> {
 /// instead of waiting for the lease to lapse, and the attempt, if it still finishes in the last
 /// moments, replaces the placeholder with its real outcome (its token wrote it).
 pub struct Tracked {
+    /// Called as `inner.as_ref()`: `Arc<dyn Store>` implements `Store` too (forwarding), and
+    /// going through it boxes one more future per operation.
     inner: Arc<dyn Store>,
     /// (record, token) → the retention an outcome-unknown placeholder gets, sharded by record
     /// id: every fresh request inserts and removes an entry, and one lock for all of them was
@@ -125,7 +127,9 @@ pub struct Tracked {
     metrics: Option<Arc<Metrics>>,
 }
 
-type HeldShard = HashMap<(RecordId, Token), Duration>;
+/// foldhash rather than SipHash: ids are SHA-256 digests, and this map is touched twice per
+/// fresh request.
+type HeldShard = HashMap<(RecordId, Token), Duration, foldhash::fast::RandomState>;
 
 /// Shards of [`Tracked`]'s held set: a power of two well above the worker thread count.
 const HELD_SHARDS: usize = 32;
@@ -135,7 +139,7 @@ impl Tracked {
     pub fn new(inner: Arc<dyn Store>, metrics: Option<Arc<Metrics>>) -> Self {
         Tracked {
             inner,
-            held: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            held: std::array::from_fn(|_| Mutex::new(HeldShard::default())),
             metrics,
         }
     }
@@ -163,7 +167,12 @@ impl Tracked {
                 kind: StoredProblemKind::OutcomeUnknown,
                 status: 502,
             };
-            match self.inner.complete(&id, token, &outcome, ttl).await {
+            match self
+                .inner
+                .as_ref()
+                .complete(&id, token, &outcome, ttl)
+                .await
+            {
                 Ok(Completion::Stored) => {
                     written += 1;
                     tracing::warn!(record_id = %id, "shutdown: unfinished request recorded as outcome-unknown");
@@ -195,7 +204,7 @@ impl Store for Tracked {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Acquire, StoreError> {
-        let answer = self.inner.acquire(req).await?;
+        let answer = self.inner.as_ref().acquire(req).await?;
         match &answer {
             Acquire::Acquired { .. } => {
                 self.shard(&req.id)
@@ -227,7 +236,7 @@ impl Store for Tracked {
         token: Token,
         lease: Duration,
     ) -> Result<Renewal, StoreError> {
-        self.inner.renew(id, token, lease).await
+        self.inner.as_ref().renew(id, token, lease).await
     }
 
     async fn complete(
@@ -237,38 +246,42 @@ impl Store for Tracked {
         outcome: &Outcome,
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
-        let r = self.inner.complete(id, token, outcome, ttl).await?;
+        let r = self
+            .inner
+            .as_ref()
+            .complete(id, token, outcome, ttl)
+            .await?;
         self.shard(id).remove(&(*id, token));
         Ok(r)
     }
 
     async fn release(&self, id: &RecordId, token: Token) -> Result<Release, StoreError> {
-        let r = self.inner.release(id, token).await?;
+        let r = self.inner.as_ref().release(id, token).await?;
         self.shard(id).remove(&(*id, token));
         Ok(r)
     }
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
-        self.inner.get(id).await
+        self.inner.as_ref().get(id).await
     }
 
     async fn delete(&self, id: &RecordId, force: bool) -> Result<Deletion, StoreError> {
-        self.inner.delete(id, force).await
+        self.inner.as_ref().delete(id, force).await
     }
 
     async fn resolve(&self, id: &RecordId, resolution: Resolution) -> Result<Resolved, StoreError> {
-        self.inner.resolve(id, resolution).await
+        self.inner.as_ref().resolve(id, resolution).await
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.inner.purge_expired().await
+        self.inner.as_ref().purge_expired().await
     }
 
     async fn watch(&self, id: &RecordId, max_waiters: usize) -> Result<Option<Watch>, StoreError> {
-        self.inner.watch(id, max_waiters).await
+        self.inner.as_ref().watch(id, max_waiters).await
     }
 
     async fn readiness(&self) -> Result<(), StoreError> {
-        self.inner.readiness().await
+        self.inner.as_ref().readiness().await
     }
 }

@@ -217,7 +217,7 @@ where
 
 async fn renew(shared: &Arc<Shared>, id: RecordId, token: Token, lease: Duration) {
     match with_tries(shared, StoreOp::Renew, || {
-        shared.store.renew(&id, token, lease)
+        shared.store.as_ref().renew(&id, token, lease)
     })
     .await
     {

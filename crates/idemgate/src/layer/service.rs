@@ -560,7 +560,9 @@ async fn acquire_answer(
 ) -> Result<Acquire, StoreError> {
     let maybe_applied = std::sync::atomic::AtomicBool::new(false);
     let result = with_tries(shared, StoreOp::Acquire, || async {
-        let r = shared.store.acquire(*req).await;
+        // Through the `dyn Store` itself: `Arc<dyn Store>` also implements `Store` (forwarding),
+        // and calling that would box one more future per operation.
+        let r = shared.store.as_ref().acquire(*req).await;
         if matches!(
             r,
             Err(StoreError::Timeout {
@@ -599,6 +601,7 @@ async fn wait_for_outcome(
     loop {
         let mut watch = match shared
             .store
+            .as_ref()
             .watch(&req.id, policy.max_waiters_per_key)
             .await
         {

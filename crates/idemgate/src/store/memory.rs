@@ -1,6 +1,8 @@
 //! The in-memory store ([`MemoryStore`]).
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -90,7 +92,7 @@ impl MemoryStoreBuilder {
     /// dropped.
     pub fn build(self) -> MemoryStore {
         let inner = Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             used: AtomicUsize::new(0),
             capacity: self.capacity_bytes,
             // Random so that epochs of distinct stores never coincide.
@@ -159,10 +161,14 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
+/// One shard's records. Ids are SHA-256 digests already, so the map needs no keyed SipHash
+/// over them; foldhash (with a random per-map seed) is a fraction of its cost.
+type Shard = HashMap<RecordId, Entry, RandomState>;
+
 struct Inner {
     // The records. Sharded by the first byte of the id so concurrent requests on different keys
     // rarely contend; std Mutex because critical sections are short and never span an await.
-    shards: Box<[Mutex<HashMap<RecordId, Entry>>]>,
+    shards: Box<[Mutex<Shard>]>,
     // Bytes charged for all records, updated under the shard lock of the record that changes,
     // so the sum always matches the records present.
     used: AtomicUsize,
@@ -235,7 +241,7 @@ fn read(entry: Option<&Entry>, id: &RecordId) -> Result<Option<Record>, StoreErr
 }
 
 impl Inner {
-    fn shard(&self, id: &RecordId) -> MutexGuard<'_, HashMap<RecordId, Entry>> {
+    fn shard(&self, id: &RecordId) -> MutexGuard<'_, Shard> {
         lock(&self.shards[id.0[0] as usize % SHARDS])
     }
 
