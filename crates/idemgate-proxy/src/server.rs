@@ -299,12 +299,23 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             // Round robin: every worker gets an equal share of the connections.
-            match stream.into_std() {
-                Ok(stream) => {
-                    workers[next % workers.len()].hand_over(stream, peer);
-                    next = next.wrapping_add(1);
+            let mut connection = match stream.into_std() {
+                Ok(stream) => Some((stream, peer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand a connection to a worker");
+                    None
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot hand a connection to a worker"),
+            };
+            // Round robin; a worker whose thread died (a bug) is passed over, not fed.
+            for _ in 0..workers.len() {
+                let Some(c) = connection.take() else { break };
+                connection = workers[next % workers.len()].hand_over(c);
+                next = next.wrapping_add(1);
+            }
+            if connection.is_some() {
+                tracing::error!(
+                    "no worker thread is left to serve connections; connection dropped"
+                );
             }
         }
         drop(listener);
@@ -439,9 +450,17 @@ impl Worker {
         })
     }
 
-    fn hand_over(&self, stream: std::net::TcpStream, peer: SocketAddr) {
-        if self.connections.send((stream, peer)).is_err() {
-            tracing::error!("a worker thread is gone; connection dropped");
+    /// Gives the worker a connection; hands it back if the worker's thread is gone.
+    fn hand_over(
+        &self,
+        connection: (std::net::TcpStream, SocketAddr),
+    ) -> Option<(std::net::TcpStream, SocketAddr)> {
+        match self.connections.send(connection) {
+            Ok(()) => None,
+            Err(tokio::sync::mpsc::error::SendError(back)) => {
+                tracing::error!("a worker thread is gone; trying the next one");
+                Some(back)
+            }
         }
     }
 
