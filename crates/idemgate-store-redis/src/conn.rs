@@ -1,6 +1,8 @@
 //! Connections: a [`ConnectionManager`] for standalone Redis, a cluster connection for Cluster.
 //! Both multiplex: concurrent operations share one socket per node and its round trips.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -53,8 +55,27 @@ impl Target {
 /// A multiplexed connection of either kind.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Single(ConnectionManager),
+    /// Standalone: one multiplexed connection per slot, a thread sticking to its slot (see
+    /// [`thread_slot`]); the subscriber has exactly one.
+    Single(Arc<[ConnectionManager]>),
     Cluster(ClusterConnection),
+}
+
+/// Standalone connections at most, whatever the CPU count.
+const MAX_SLOTS: usize = 16;
+
+/// The slot of the calling thread among `n`: threads take slots in the order they first ask.
+///
+/// A multiplexed connection's driver task runs on the runtime of the thread that first used
+/// it; a proxy worker thread that shares it with another pays two cross-thread wake-ups per
+/// command. With a connection per thread (up to [`MAX_SLOTS`]) a worker's commands stay on its
+/// own runtime.
+fn thread_slot(n: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|s| *s) % n
 }
 
 /// Timeouts and push delivery for [`Conn::open`].
@@ -92,15 +113,25 @@ impl Conn {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_millis(200));
-                if let Some(push) = opts.push {
+                let slots = if let Some(push) = opts.push {
                     config = config.set_push_sender(move |info: PushInfo| {
                         push(info);
                         Ok::<(), redis::aio::SendError>(())
                     });
-                }
-                Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
-                    client, config,
-                )?))
+                    1
+                } else {
+                    // One per CPU plus the thread that opened the store.
+                    std::thread::available_parallelism()
+                        .map_or(1, std::num::NonZeroUsize::get)
+                        .saturating_add(1)
+                        .min(MAX_SLOTS)
+                };
+                let conns = (0..slots)
+                    .map(|_| {
+                        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Conn::Single(conns.into()))
             }
             Target::Cluster(nodes) => {
                 let mut builder = ClusterClientBuilder::new(nodes.clone())
@@ -129,14 +160,14 @@ impl Conn {
 
     pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, RedisError> {
         match self {
-            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Single(c) => pipe.query_async(&mut pick(c)).await,
             Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
         }
     }
 
     pub(crate) async fn command(&self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
         match self {
-            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Single(c) => cmd.query_async(&mut pick(c)).await,
             Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
     }
@@ -144,7 +175,7 @@ impl Conn {
     /// Runs `cmd` on every master (Cluster) or the server (standalone).
     pub(crate) async fn on_all_masters(&self, cmd: redis::Cmd) -> Result<Value, RedisError> {
         match self {
-            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Single(c) => cmd.query_async(&mut pick(c)).await,
             Conn::Cluster(c) => {
                 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
                 c.clone()
@@ -164,7 +195,7 @@ impl Conn {
             return Ok(());
         }
         match self {
-            Conn::Single(c) => c.clone().subscribe(channels).await,
+            Conn::Single(c) => pick(c).subscribe(channels).await,
             Conn::Cluster(c) => {
                 // Sharded channels of different slots cannot share one SSUBSCRIBE.
                 for ch in channels {
@@ -180,7 +211,7 @@ impl Conn {
             return Ok(());
         }
         match self {
-            Conn::Single(c) => c.clone().unsubscribe(channels).await,
+            Conn::Single(c) => pick(c).unsubscribe(channels).await,
             Conn::Cluster(c) => {
                 for ch in channels {
                     c.clone().sunsubscribe(ch).await?;
@@ -189,6 +220,11 @@ impl Conn {
             }
         }
     }
+}
+
+/// The calling thread's connection.
+fn pick(conns: &[ConnectionManager]) -> ConnectionManager {
+    conns[thread_slot(conns.len())].clone()
 }
 
 #[cfg(test)]
