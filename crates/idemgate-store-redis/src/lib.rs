@@ -39,6 +39,9 @@
 //!   call would have. A refused connection is [`StoreError::Unavailable`]; Redis' `OOM` answer
 //!   is [`StoreError::Full`]. Every operation is bounded by the store's timeout (default 1 s).
 //! - `purge_expired` returns 0: Redis expires keys by itself.
+//! - Connections (standalone): one multiplexed connection per calling thread, up to the CPU
+//!   count + 1 (at most 16), opened on first use, so a proxy worker thread's commands are
+//!   driven on its own runtime. Cluster: one cluster connection.
 //! - `complete` on an absent key answers `Stored` without writing: the call carries no
 //!   fingerprint to build a record from (the key was released, deleted by an operator, or
 //!   expired after its holder was gone for longer than lease + retention).
