@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate_store_tests::servers::postgres::PostgresServer;
-use support::{Client, Proxy, Req, Resp, Upstream, eventually};
-use tokio::time::Instant;
+use support::held::logs;
+use support::{Client, Proxy, Req, Resp, Upstream};
 
 /// Short, so lapses happen within a test; renewed every 200 ms.
 const LEASE: &str = "600ms";
@@ -37,15 +37,6 @@ async fn proxies(n: usize, upstream: &Upstream, store: &str) -> Vec<Proxy> {
             .start()
     });
     futures_util::future::join_all(starts).await
-}
-
-fn logs(proxies: &[Proxy]) -> String {
-    proxies
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("--- proxy {i} ---\n{}", p.log()))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 const KEYS: usize = 30;
@@ -132,101 +123,10 @@ async fn three_instances_on_one_database_execute_each_key_once() {
     assert_eq!(up.total(), KEYS as u64, "replays executed nothing");
 }
 
-/// Keys held by the proxy that dies are the multiples of 3.
-const HELD: usize = 12;
-
-fn held_req(k: usize) -> Req {
-    // Three leases long: the lease must be renewed twice before the answer.
-    Req::post("/orders")
-        .key(&format!("held-{k}"))
-        .header("x-test-delay-ms", "1800")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_killed_mid_call_never_lets_a_key_execute_twice() {
     let store = database("proxykill");
     let up = Upstream::start().await;
     let mut ps = proxies(3, &up, &store).await;
-    let cs: Vec<Client> = ps.iter().map(|p| Client::new(p.addr())).collect();
-
-    // Key k is executed through proxy k % 3.
-    let originals: Vec<_> = (0..HELD)
-        .map(|k| {
-            let c = cs[k % 3].clone();
-            tokio::spawn(async move { c.try_send(held_req(k)).await })
-        })
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            (0..HELD).all(|k| up.executions(&format!("held-{k}")) == 1)
-        })
-        .await,
-        "not every key reached the upstream: {:?}",
-        up.counts()
-    );
-    // Duplicates through every instance while the calls run: all refused.
-    let dups = futures_util::future::join_all((0..HELD).flat_map(|k| {
-        cs.iter()
-            .cloned()
-            .map(move |c| async move { (k, c.send(held_req(k)).await) })
-    }))
-    .await;
-    for (k, r) in &dups {
-        assert_eq!(r.status, 409, "held-{k} while in flight: {}", r.summary());
-    }
-
-    ps[0].kill9();
-    let killed_at = Instant::now();
-
-    // Retries through the survivors, as clients would: 409 until settled.
-    let retries = futures_util::future::join_all((0..HELD).map(|k| {
-        let c = cs[1 + k % 2].clone();
-        async move {
-            let r = c
-                .send_until_settled(held_req(k), Duration::from_secs(8))
-                .await;
-            (k, r, killed_at.elapsed())
-        }
-    }))
-    .await;
-    let mut first_answers = HashMap::new();
-    for (k, r, after) in retries {
-        if k % 3 == 0 {
-            assert_eq!(
-                r.status,
-                502,
-                "held-{k}, holder killed: {}\n{}",
-                r.summary(),
-                logs(&ps)
-            );
-            assert_eq!(r.problem().as_deref(), Some("outcome-unknown"));
-            println!("held-{k}: outcome-unknown {after:?} after the kill");
-        } else {
-            assert_eq!(r.status, 201, "held-{k}: {}\n{}", r.summary(), logs(&ps));
-            assert!(r.replayed());
-        }
-        first_answers.insert(k, r);
-    }
-    for (k, original) in originals.into_iter().enumerate() {
-        let original = original.await.expect("original task");
-        if k % 3 == 0 {
-            assert!(original.is_err(), "held-{k} answered by a killed proxy");
-        } else {
-            let original = original.unwrap_or_else(|e| panic!("held-{k}: {e}"));
-            assert_eq!(original.status, 201, "{}", original.summary());
-            assert!(!original.replayed());
-            assert_eq!(original.body, first_answers[&k].body, "held-{k}");
-        }
-    }
-    // Settled for good: the same answer again through both survivors, and still one
-    // execution per key.
-    for k in 0..HELD {
-        for c in &cs[1..] {
-            let r = c.send(held_req(k)).await;
-            assert_eq!(r.status, first_answers[&k].status, "held-{k}");
-            assert_eq!(r.body, first_answers[&k].body, "held-{k}");
-        }
-        assert_eq!(up.executions(&format!("held-{k}")), 1, "held-{k}");
-    }
-    assert_eq!(up.total(), HELD as u64);
+    support::held::holder_killed_mid_call(&up, &mut ps).await;
 }

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod fault;
+pub mod held;
 pub mod process;
 pub mod upstream;
 
