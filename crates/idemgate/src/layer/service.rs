@@ -760,12 +760,13 @@ impl Drop for Detachable {
     fn drop(&mut self) {
         let Some(work) = self.0.take() else { return };
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
+            // Not a future that panicked while polled here: it cannot be resumed.
+            Ok(runtime) if !std::thread::panicking() => {
                 runtime.spawn(work);
             }
-            // No runtime to run it (shutting down): dropping it lets its guard record
-            // outcome-unknown where it can.
-            Err(_) => drop(work),
+            // No runtime to run it (shutting down), or it panicked: dropping it lets its guard
+            // record outcome-unknown where it can.
+            _ => drop(work),
         }
     }
 }
