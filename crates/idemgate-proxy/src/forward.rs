@@ -424,7 +424,7 @@ where
                     PoolError::Connect(_) => Failure::NotSent,
                     PoolError::Sent(_) => Failure::NoResponse,
                 };
-                (failure, e.to_string())
+                (failure, error_chain(&e))
             }),
             Connections::Tls(client) => match client.request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::unpooled)),

@@ -30,29 +30,14 @@ use idemgate::layer::BoxError;
 const MAX_IDLE: usize = 1024;
 
 /// Why a request through the pool failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     /// No connection could be made: the request was not sent.
-    Connect(std::io::Error),
+    #[error("cannot connect to the upstream")]
+    Connect(#[source] std::io::Error),
     /// The request was written, or may have been, and no response head came back.
+    #[error(transparent)]
     Sent(hyper::Error),
-}
-
-impl std::fmt::Display for PoolError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PoolError::Connect(e) => write!(f, "cannot connect to the upstream: {e}"),
-            PoolError::Sent(e) => {
-                write!(f, "{e}")?;
-                let mut source = std::error::Error::source(e);
-                while let Some(s) = source {
-                    write!(f, ": {s}")?;
-                    source = s.source();
-                }
-                Ok(())
-            }
-        }
-    }
 }
 
 struct Idle<B> {

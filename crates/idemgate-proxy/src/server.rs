@@ -326,12 +326,12 @@ impl Server {
             "shutting down: no new connections; waiting for in-flight requests"
         );
         let deadline = tokio::time::Instant::now() + grace;
-        let mut drained = true;
-        let mut stopping = Vec::with_capacity(workers.len());
-        for worker in workers {
-            stopping.push(worker.stop_accepting());
+        let mut workers = workers;
+        for worker in &mut workers {
+            worker.stop_accepting();
         }
-        for worker in &mut stopping {
+        let mut drained = true;
+        for worker in &mut workers {
             drained &= tokio::time::timeout_at(deadline, &mut worker.drained)
                 .await
                 .is_ok();
@@ -358,7 +358,7 @@ impl Server {
             );
         }
         // Only now do the workers' runtimes go, with whatever they still run.
-        for worker in stopping {
+        for worker in workers {
             worker.stop().await;
         }
         let _ = admin_stop.send(());
@@ -386,14 +386,8 @@ fn worker_count() -> usize {
 /// threads and pays for it on every wake-up; measured on the proxy benchmark, one
 /// single-threaded runtime per core used ~11 % less CPU per fresh-key request.
 struct Worker {
-    connections: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>,
-    drained: tokio::sync::oneshot::Receiver<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-/// A worker that accepts no more connections and is draining the ones it has.
-struct StoppingWorker {
+    /// `None` once it takes no more connections (and drains the ones it has).
+    connections: Option<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
     drained: tokio::sync::oneshot::Receiver<()>,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
@@ -443,7 +437,7 @@ impl Worker {
                 });
             })?;
         Ok(Worker {
-            connections,
+            connections: Some(connections),
             drained,
             stop,
             thread,
@@ -455,7 +449,10 @@ impl Worker {
         &self,
         connection: (std::net::TcpStream, SocketAddr),
     ) -> Option<(std::net::TcpStream, SocketAddr)> {
-        match self.connections.send(connection) {
+        let Some(connections) = &self.connections else {
+            return Some(connection);
+        };
+        match connections.send(connection) {
             Ok(()) => None,
             Err(tokio::sync::mpsc::error::SendError(back)) => {
                 tracing::error!("a worker thread is gone; trying the next one");
@@ -465,17 +462,10 @@ impl Worker {
     }
 
     /// Stops handing it connections; it closes idle ones and drains the rest.
-    fn stop_accepting(self) -> StoppingWorker {
-        drop(self.connections);
-        StoppingWorker {
-            drained: self.drained,
-            stop: self.stop,
-            thread: self.thread,
-        }
+    fn stop_accepting(&mut self) {
+        self.connections = None;
     }
-}
 
-impl StoppingWorker {
     /// Ends the worker's runtime (and whatever still runs on it) and waits for its thread.
     async fn stop(self) {
         let _ = self.stop.send(());

@@ -697,7 +697,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let (respond, response) = oneshot::channel();
+    let (respond, mut response) = oneshot::channel();
     let client_deadline = policy.client_deadline;
     let max_lease_hold = policy.max_lease_hold;
     let mut parts = parts;
@@ -721,7 +721,6 @@ where
         respond,
     }))));
     guard.disarm();
-    let mut response = response;
     let response = std::future::poll_fn(|cx| {
         if let Some(work) = attempt.0.as_mut()
             && work.as_mut().poll(cx).is_ready()
