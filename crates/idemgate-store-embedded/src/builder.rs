@@ -6,13 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use idemgate::record::{Completed, Holder, Outcome, Record, RecordId, Timestamp};
+use idemgate::record::{Completed, Holder, Outcome, Record, Timestamp};
 use idemgate::store::WatchHub;
 use redb::{Database, DatabaseError, Durability, ReadableTable};
 
 use crate::capacity::Capacity;
 use crate::store::EmbeddedStore;
-use crate::tables::{META, META_EPOCH, META_SCHEMA, SCHEMA_VERSION, WriteTables};
+use crate::tables::{
+    META, META_EPOCH, META_SCHEMA, META_WAL_GENERATION, SCHEMA_VERSION, SCHEMA_VERSION_BEFORE_WAL,
+    WriteTables,
+};
+use crate::wal::{self, RedoOp, Wal};
 use crate::writer::{Counters, Writer, WriterConfig};
 
 /// Why [`EmbeddedStore::open`] failed.
@@ -59,6 +63,9 @@ pub struct OpenReport {
     /// Whether redb had to repair the file (it was not closed cleanly and quick repair did not
     /// apply).
     pub repaired: bool,
+    /// Batches replayed from the write-ahead log: those made durable after the last checkpoint
+    /// of a process that did not close the store (0 after a clean close).
+    pub replayed_batches: u64,
     /// How long opening took, from the call to ready to serve.
     pub duration: Duration,
 }
@@ -76,6 +83,8 @@ pub struct EmbeddedStoreBuilder {
     purge_batch: usize,
     cache_bytes: usize,
     quick_repair: bool,
+    checkpoint_interval: Duration,
+    checkpoint_log_bytes: u64,
 }
 
 /// Records converted per transaction by the lapse pass at open.
@@ -94,6 +103,8 @@ impl EmbeddedStoreBuilder {
             purge_batch: 1000,
             cache_bytes: 64 * 1024 * 1024,
             quick_repair: true,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_log_bytes: 64 * 1024 * 1024,
         }
     }
 
@@ -151,6 +162,25 @@ impl EmbeddedStoreBuilder {
         self
     }
 
+    /// How often, at most, a batch is committed to the file durably (a *checkpoint*) instead of
+    /// through the write-ahead log (default 1 s). Between checkpoints a batch costs one
+    /// sequential log write and one `fdatasync`; a checkpoint writes every B-tree page changed
+    /// since the previous one and holds up the batches behind it meanwhile (tens of ms at
+    /// saturation on the benchmark machine, see `docs/BENCHMARKS.md`). Shorter means shorter
+    /// stalls and the same pages written more often; longer means more log to replay after a
+    /// crash, and redb's bookkeeping of non-durable commits grows with their number.
+    pub fn checkpoint_interval(mut self, d: Duration) -> Self {
+        self.checkpoint_interval = d;
+        self
+    }
+
+    /// The log size that makes the next batch a checkpoint whatever the interval (default
+    /// 64 MiB): the bound on what an open after a crash replays.
+    pub fn checkpoint_log_bytes(mut self, bytes: u64) -> Self {
+        self.checkpoint_log_bytes = bytes;
+        self
+    }
+
     /// The file this builder opens.
     pub fn path(&self) -> &Path {
         &self.path
@@ -187,8 +217,11 @@ impl EmbeddedStoreBuilder {
                 },
             })?;
 
-        let epoch = self.bump_epoch(&db)?;
+        let wal_path = wal::wal_path(&path);
+        let (epoch, generation, replayed_batches) = self.begin_epoch(&db, &wal_path)?;
         let converted = self.convert_lapsed(&db, epoch)?;
+        let wal = Wal::open(&wal_path, generation)
+            .map_err(|e| io(format!("opening the write-ahead log {wal_path:?}: {e}")))?;
 
         let counters = Arc::new(Counters::default());
         let hub = WatchHub::new();
@@ -196,6 +229,7 @@ impl EmbeddedStoreBuilder {
             epoch: epoch.0,
             converted_leases: converted,
             repaired: repaired.load(Ordering::Relaxed),
+            replayed_batches,
             duration: started.elapsed(),
         };
         if converted > 0 {
@@ -209,6 +243,7 @@ impl EmbeddedStoreBuilder {
             path = %path.display(),
             epoch = report.epoch,
             repaired = report.repaired,
+            replayed_batches,
             open_ms = report.duration.as_millis() as u64,
             "embedded store open (serves this process only: use Redis or PostgreSQL for more than one instance)"
         );
@@ -223,32 +258,39 @@ impl EmbeddedStoreBuilder {
                 purge_interval: self.purge_interval,
                 purge_batch: self.purge_batch,
                 quick_repair: self.quick_repair,
+                checkpoint_interval: self.checkpoint_interval,
+                checkpoint_log_bytes: self.checkpoint_log_bytes,
             },
+            wal,
+            last_checkpoint: Instant::now(),
+            wal_usable: true,
         };
         EmbeddedStore::start(writer, hub, counters, report, path.clone())
             .map_err(|e| io(format!("starting the writer thread: {e}")))
     }
 
-    /// Reads, checks and increments the instance epoch (creating the tables of a new file).
-    fn bump_epoch(&self, db: &Database) -> Result<Holder, OpenError> {
+    /// In one durable transaction: checks the table layout (creating the tables of a new file),
+    /// replays the write-ahead log onto the last checkpoint, names the log's next generation and
+    /// increments the instance epoch. Returns the epoch, that generation, and the batches
+    /// replayed.
+    fn begin_epoch(&self, db: &Database, wal_path: &Path) -> Result<(Holder, u64, u64), OpenError> {
         let fail = |e: redb::Error| self.redb_error(e);
         let mut txn = db.begin_write().map_err(|e| fail(e.into()))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| self.incompatible(e.to_string()))?;
         txn.set_quick_repair(self.quick_repair);
-        let epoch = {
+        let (epoch, generation, replayed) = {
             let mut meta = txn.open_table(META).map_err(|e| fail(e.into()))?;
             // Creating the record tables here means read transactions never meet a missing table.
-            WriteTables::open(&txn).map_err(|e| fail(e.into()))?;
-            let schema = meta
-                .get(META_SCHEMA)
-                .map_err(|e| fail(e.into()))?
-                .map(|v| v.value());
-            match schema {
-                None => {
-                    meta.insert(META_SCHEMA, SCHEMA_VERSION)
-                        .map_err(|e| fail(e.into()))?;
-                }
+            let mut tables = WriteTables::open(&txn).map_err(|e| fail(e.into()))?;
+            let get = |key: &str| -> Result<Option<u64>, OpenError> {
+                Ok(meta
+                    .get(key)
+                    .map_err(|e| fail(e.into()))?
+                    .map(|v| v.value()))
+            };
+            match get(META_SCHEMA)? {
+                None | Some(SCHEMA_VERSION_BEFORE_WAL) => {}
                 Some(SCHEMA_VERSION) => {}
                 Some(v) => {
                     return Err(self.incompatible(format!(
@@ -256,17 +298,40 @@ impl EmbeddedStoreBuilder {
                     )));
                 }
             }
-            let previous = meta
-                .get(META_EPOCH)
-                .map_err(|e| fail(e.into()))?
-                .map_or(0, |v| v.value());
+            let previous = get(META_EPOCH)?.unwrap_or(0);
+            let generation = get(META_WAL_GENERATION)?.unwrap_or(0);
+
+            let log = wal::read_log(wal_path, generation).map_err(|e| OpenError::Io {
+                path: wal_path.to_owned(),
+                detail: format!("reading the write-ahead log: {e}"),
+            })?;
+            if let Some(why) = &log.damaged_tail {
+                // Expected after a crash mid-append (that batch was never answered); anything
+                // else is damage the log cannot undo.
+                tracing::warn!(path = %wal_path.display(), why, "embedded store: the write-ahead log ends in an incomplete frame; replaying the frames before it");
+            }
+            for (n, frame) in log.frames.iter().enumerate() {
+                let mut rest = frame.as_slice();
+                while !rest.is_empty() {
+                    let op = RedoOp::decode(&mut rest).map_err(|e| {
+                        self.incompatible(format!("write-ahead log {wal_path:?}, frame {n}: {e}"))
+                    })?;
+                    tables.apply(op).map_err(|e| fail(e.into()))?;
+                }
+            }
+            drop(tables);
+
+            meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                .map_err(|e| fail(e.into()))?;
+            meta.insert(META_WAL_GENERATION, generation + 1)
+                .map_err(|e| fail(e.into()))?;
             // Epoch 0 is never live (placeholders made at open stand for it).
             let epoch = previous.wrapping_add(1).max(1);
             meta.insert(META_EPOCH, epoch).map_err(|e| fail(e.into()))?;
-            epoch
+            (epoch, generation + 1, log.frames.len() as u64)
         };
         txn.commit().map_err(|e| fail(e.into()))?;
-        Ok(Holder(epoch))
+        Ok((Holder(epoch), generation, replayed))
     }
 
     /// Turns every InFlight record of an earlier epoch into Completed(outcome-unknown), in
@@ -284,34 +349,21 @@ impl EmbeddedStoreBuilder {
                 let mut t = WriteTables::open(&txn).map_err(|e| fail(e.into()))?;
                 // In-flight records of other epochs; an unreadable one stays as it is (it
                 // answers `Corrupt`) and is not counted, so the loop ends.
-                let held: Vec<([u8; 32], Record)> = t
-                    .inflight
-                    .iter()
-                    .map_err(|e| fail(e.into()))?
-                    .filter_map(|e| match e {
-                        Ok((k, v)) => match Record::decode(v.value()) {
-                            Ok(Record::InFlight(f)) if f.holder != epoch => {
-                                Some(Ok((*k.value(), Record::InFlight(f))))
-                            }
-                            _ => None,
-                        },
-                        Err(e) => Some(Err(e)),
-                    })
-                    .take(CONVERT_CHUNK)
-                    .collect::<Result<_, _>>()
+                let held = t
+                    .inflight_not_held_by(epoch, CONVERT_CHUNK)
                     .map_err(|e| fail(e.into()))?;
-                for (raw, old) in held {
+                for (id, f) in held {
                     done += 1;
-                    let id = RecordId(raw);
-                    let Record::InFlight(f) = &old else { continue };
                     let new = Record::Completed(Completed {
                         fingerprint: f.fingerprint,
                         outcome: Outcome::outcome_unknown(),
                         expires_at: now.after(self.lapsed_retention),
                         origin_token: f.token,
                     });
-                    t.put(&id, Some(&old), &new).map_err(|e| fail(e.into()))?;
-                    t.lapsed.insert(&raw, epoch.0).map_err(|e| fail(e.into()))?;
+                    t.put(&id, Some(&Record::InFlight(f)), &new)
+                        .map_err(|e| fail(e.into()))?;
+                    t.apply(RedoOp::PutLapsed(&id.0, epoch.0))
+                        .map_err(|e| fail(e.into()))?;
                     converted += 1;
                 }
             }
@@ -340,6 +392,44 @@ impl EmbeddedStoreBuilder {
                 detail: e.to_string(),
             },
             other => self.incompatible(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use redb::ReadableDatabase;
+
+    /// A log frame that passes its checksum but does not decode is damage the store cannot
+    /// interpret: the open fails with a clear error instead of guessing or panicking.
+    #[test]
+    fn an_undecodable_log_frame_fails_the_open_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(
+            EmbeddedStore::builder(&path)
+                .min_free_bytes(0)
+                .open()
+                .unwrap(),
+        );
+        let generation = {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            meta.get(META_WAL_GENERATION).unwrap().unwrap().value()
+        };
+        let mut log = Wal::open(&wal::wal_path(&path), generation).unwrap();
+        log.append(&[9, 9, 9]).unwrap();
+        drop(log);
+
+        match EmbeddedStore::builder(&path).min_free_bytes(0).open() {
+            Err(OpenError::Incompatible { detail, .. }) => {
+                assert!(detail.contains("write-ahead log"), "{detail}");
+                assert!(detail.contains("unknown operation tag 9"), "{detail}");
+            }
+            other => panic!("opening with a damaged log: {other:?}"),
         }
     }
 }

@@ -4,8 +4,13 @@
 //! `idemgate::store` with three properties of its own:
 //!
 //! - **Durable before answering.** `acquire`, `complete` and every other write return only
-//!   after the write transaction that holds them has been committed with immediate durability
-//!   (fsync).
+//!   after the write transaction that holds them is durable (`fdatasync`): through one frame
+//!   appended to a write-ahead log beside the file (`<file>-wal`), or, at a checkpoint, through
+//!   a durable commit of the file itself. Checkpoints come at most every
+//!   [`EmbeddedStoreBuilder::checkpoint_interval`] (default 1 s) or when the log reaches
+//!   [`EmbeddedStoreBuilder::checkpoint_log_bytes`]; an open replays the log written since the
+//!   last one. The log turns a durable commit's random page writes and two syncs into one
+//!   sequential write and one sync per batch.
 //! - **Group commit.** One writer thread owns the database. Callers hand it operations over a
 //!   channel; it applies everything that queued up while the previous commit was syncing in ONE
 //!   write transaction, then answers each caller. Concurrent requests therefore share fsyncs,
@@ -16,8 +21,15 @@
 //!   in-flight record of an older epoch (its holder died, e.g. by `kill -9`) becomes
 //!   outcome-unknown, so retries get their answer at once after a restart.
 //!
-//! Restart after a crash is bounded: commits record redb's allocator state ("quick repair"), so
-//! an open after `kill -9` does not walk the whole file.
+//! Restart after a crash is bounded: checkpoints record redb's allocator state ("quick repair"),
+//! so an open after `kill -9` does not walk the whole file, and the log to replay is at most
+//! [`EmbeddedStoreBuilder::checkpoint_log_bytes`]. If appending to the log fails, the batch is
+//! made durable by a checkpoint instead (and so is every batch until one succeeds); if that
+//! fails too, its callers get `Unavailable`, and the batch may still become durable with a
+//! later checkpoint, as with any store error that may have applied.
+//!
+//! Keep the file and its `-wal` companion together: copying or moving one without the other
+//! loses what the log holds.
 //!
 //! # One process only
 //!
@@ -70,6 +82,7 @@ mod builder;
 mod capacity;
 mod store;
 mod tables;
+mod wal;
 mod writer;
 
 pub use builder::{EmbeddedStoreBuilder, OpenError, OpenReport};

@@ -35,7 +35,8 @@ pub struct EmbeddedStore {
 /// Counters of the writer, to observe group commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbeddedStats {
-    /// Write transactions committed (each one fsync).
+    /// Write transactions committed, each made durable by one sync: of the write-ahead log, or
+    /// of the file for a checkpoint.
     pub transactions: u64,
     /// Operations applied (including reads and refusals).
     pub operations: u64,
@@ -43,6 +44,8 @@ pub struct EmbeddedStats {
     pub batches: u64,
     /// Expired records purged since open.
     pub purged: u64,
+    /// Checkpoints: durable commits to the file, after which the write-ahead log starts over.
+    pub checkpoints: u64,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -104,6 +107,7 @@ impl EmbeddedStore {
             operations: self.counters.operations.load(Ordering::Relaxed),
             batches: self.counters.batches.load(Ordering::Relaxed),
             purged: self.counters.purged.load(Ordering::Relaxed),
+            checkpoints: self.counters.checkpoints.load(Ordering::Relaxed),
         }
     }
 
@@ -126,6 +130,16 @@ impl EmbeddedStore {
         bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
         match self.call(OpKind::RawPut { id: *id, bytes }).await? {
+            Output::Pong => Ok(()),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    /// Makes every later append to the write-ahead log fail: fault injection for tests of the
+    /// fallback to checkpoints. Not for production use.
+    #[doc(hidden)]
+    pub async fn break_log_for_tests(&self) -> Result<(), StoreError> {
+        match self.call(OpKind::BreakLog).await? {
             Output::Pong => Ok(()),
             o => Err(unexpected(o)),
         }

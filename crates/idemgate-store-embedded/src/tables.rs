@@ -1,8 +1,10 @@
 //! The file's tables and the few record-level helpers every operation shares.
 
-use idemgate::record::{Record, RecordId, Timestamp};
+use idemgate::record::{Holder, InFlight, Record, RecordId, Timestamp};
 use idemgate::store::StoreError;
 use redb::{ReadableTable, Table, TableDefinition};
+
+use crate::wal::RedoOp;
 
 /// `record_id → Record::encode()` of every record that is not in flight (Completed, and bytes
 /// written by fault injection). Values are whole encoded records, so a value that does not
@@ -42,9 +44,16 @@ pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::ne
 pub(crate) const META_EPOCH: &str = "epoch";
 /// Key of the schema version in [`META`].
 pub(crate) const META_SCHEMA: &str = "schema";
+/// Key in [`META`] of the write-ahead log generation whose frames follow this state (see
+/// [`crate::wal`]). Absent in a new file: generation 0.
+pub(crate) const META_WAL_GENERATION: &str = "wal_generation";
 /// The table layout this build writes. Version 1 kept InFlight records in [`RECORDS`] with an
 /// `inflight` index beside them; its files are refused (nothing was released with it).
-pub(crate) const SCHEMA_VERSION: u64 = 2;
+/// Version 3 is version 2 plus the write-ahead log: a build that knows nothing of the log must
+/// not open a file whose latest batches are only in it.
+pub(crate) const SCHEMA_VERSION: u64 = 3;
+/// The version opened and upgraded in place: the same tables, no log yet.
+pub(crate) const SCHEMA_VERSION_BEFORE_WAL: u64 = 2;
 
 /// The expiry-index key of a Completed record.
 pub(crate) fn expiry_key(expires_at: Timestamp, id: &RecordId) -> [u8; 40] {
@@ -106,11 +115,16 @@ fn decode(bytes: &[u8]) -> Stored {
 }
 
 /// The tables a record write touches, opened once per write transaction.
+///
+/// Every change goes through a method here, which also appends it to [`redo`](Self::take_redo)
+/// as a [`RedoOp`]: the batch's frame in the write-ahead log is exactly the table changes the
+/// transaction made, in order.
 pub(crate) struct WriteTables<'txn> {
-    pub(crate) records: Table<'txn, &'static [u8; 32], &'static [u8]>,
-    pub(crate) expiry: Table<'txn, &'static [u8; 40], ()>,
-    pub(crate) inflight: Table<'txn, &'static [u8; 32], &'static [u8]>,
-    pub(crate) lapsed: Table<'txn, &'static [u8; 32], u64>,
+    records: Table<'txn, &'static [u8; 32], &'static [u8]>,
+    expiry: Table<'txn, &'static [u8; 40], ()>,
+    inflight: Table<'txn, &'static [u8; 32], &'static [u8]>,
+    lapsed: Table<'txn, &'static [u8; 32], u64>,
+    redo: Vec<u8>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -121,12 +135,59 @@ impl<'txn> WriteTables<'txn> {
             expiry: txn.open_table(EXPIRY)?,
             inflight: txn.open_table(INFLIGHT)?,
             lapsed: txn.open_table(LAPSED)?,
+            redo: Vec::new(),
         })
+    }
+
+    /// The encoded changes made so far (and forgets them).
+    pub(crate) fn take_redo(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.redo)
     }
 
     /// The record under `id`, read in this transaction.
     pub(crate) fn read(&self, id: &RecordId) -> Result<Stored, redb::StorageError> {
         read_record(&self.records, &self.inflight, id)
+    }
+
+    /// Whether `id` has an entry in [`LAPSED`].
+    pub(crate) fn is_lapsed(&self, id: &RecordId) -> Result<bool, redb::StorageError> {
+        Ok(self.lapsed.get(&id.0)?.is_some())
+    }
+
+    /// Up to `limit` in-flight records whose holder is not `epoch`; unreadable ones are left
+    /// out (they stay and answer `Corrupt`).
+    pub(crate) fn inflight_not_held_by(
+        &self,
+        epoch: Holder,
+        limit: usize,
+    ) -> Result<Vec<(RecordId, InFlight)>, redb::StorageError> {
+        self.inflight
+            .iter()?
+            .filter_map(|e| match e {
+                Ok((k, v)) => match Record::decode(v.value()) {
+                    Ok(Record::InFlight(f)) if f.holder != epoch => {
+                        Some(Ok((RecordId(*k.value()), f)))
+                    }
+                    _ => None,
+                },
+                Err(e) => Some(Err(e)),
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// Up to `limit` expiry-index keys due at or before `now`, oldest first.
+    pub(crate) fn expired_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<[u8; 40]>, redb::StorageError> {
+        let upper = expiry_key(now, &RecordId([0xff; 32]));
+        self.expiry
+            .range::<&[u8; 40]>(..=&upper)?
+            .take(limit)
+            .map(|e| e.map(|(k, _)| *k.value()))
+            .collect()
     }
 
     /// Replaces whatever is under `id` (`old`, as read in this transaction) with `new`, keeping
@@ -138,25 +199,23 @@ impl<'txn> WriteTables<'txn> {
         new: &Record,
     ) -> Result<(), redb::StorageError> {
         self.unindex(id, old)?;
-        self.lapsed.remove(&id.0)?;
+        self.apply(RedoOp::RemoveLapsed(&id.0))?;
         match new {
             Record::Completed(c) => {
-                self.records.insert(&id.0, new.encode().as_slice())?;
-                self.expiry.insert(&expiry_key(c.expires_at, id), ())?;
+                self.apply(RedoOp::PutRecord(&id.0, new.encode().as_slice()))?;
+                self.apply(RedoOp::PutExpiry(&expiry_key(c.expires_at, id)))?;
                 if !matches!(old, Some(Record::Completed(_))) {
-                    self.inflight.remove(&id.0)?;
+                    self.apply(RedoOp::RemoveInflight(&id.0))?;
                 }
             }
             Record::InFlight(_) => {
-                self.inflight.insert(&id.0, new.encode().as_slice())?;
+                self.apply(RedoOp::PutInflight(&id.0, new.encode().as_slice()))?;
                 if !matches!(old, Some(Record::InFlight(f)) if f.holder.0 != 0) {
                     // Whatever `old` says (an acquire may present a lapsed placeholder as the
                     // lease it stands for), nothing of this id may stay in the other table. A
                     // remove of an absent key writes no page.
-                    if let Some(gone) = self.records.remove(&id.0)?
-                        && let Stored::Record(Record::Completed(c)) = decode(gone.value())
-                    {
-                        self.expiry.remove(&expiry_key(c.expires_at, id))?;
+                    if let Some(Stored::Record(Record::Completed(c))) = self.remove_record(id)? {
+                        self.apply(RedoOp::RemoveExpiry(&expiry_key(c.expires_at, id)))?;
                     }
                 }
             }
@@ -173,15 +232,43 @@ impl<'txn> WriteTables<'txn> {
     ) -> Result<(), redb::StorageError> {
         self.unindex(id, old)?;
         // Both tables, unconditionally: an unreadable record (force-deleted) may be in either.
-        self.records.remove(&id.0)?;
-        self.inflight.remove(&id.0)?;
-        self.lapsed.remove(&id.0)?;
+        self.apply(RedoOp::RemoveRecord(&id.0))?;
+        self.apply(RedoOp::RemoveInflight(&id.0))?;
+        self.apply(RedoOp::RemoveLapsed(&id.0))?;
         Ok(())
     }
 
     fn unindex(&mut self, id: &RecordId, old: Option<&Record>) -> Result<(), redb::StorageError> {
         if let Some(Record::Completed(c)) = old {
-            self.expiry.remove(&expiry_key(c.expires_at, id))?;
+            self.apply(RedoOp::RemoveExpiry(&expiry_key(c.expires_at, id)))?;
+        }
+        Ok(())
+    }
+
+    /// Removes `id` from [`RECORDS`], returning what was there.
+    fn remove_record(&mut self, id: &RecordId) -> Result<Option<Stored>, redb::StorageError> {
+        let gone = self.records.remove(&id.0)?.map(|v| decode(v.value()));
+        if gone.is_some() {
+            RedoOp::RemoveRecord(&id.0).encode(&mut self.redo);
+        }
+        Ok(gone)
+    }
+
+    /// Makes one change and logs it. A remove of an absent key is not logged: replaying it
+    /// would change nothing (see the idempotence argument in [`crate::wal`]).
+    pub(crate) fn apply(&mut self, op: RedoOp<'_>) -> Result<(), redb::StorageError> {
+        let changed = match op {
+            RedoOp::PutRecord(k, v) => self.records.insert(k, v).map(|_| true)?,
+            RedoOp::RemoveRecord(k) => self.records.remove(k)?.is_some(),
+            RedoOp::PutInflight(k, v) => self.inflight.insert(k, v).map(|_| true)?,
+            RedoOp::RemoveInflight(k) => self.inflight.remove(k)?.is_some(),
+            RedoOp::PutExpiry(k) => self.expiry.insert(k, ()).map(|_| true)?,
+            RedoOp::RemoveExpiry(k) => self.expiry.remove(k)?.is_some(),
+            RedoOp::PutLapsed(k, epoch) => self.lapsed.insert(k, epoch).map(|_| true)?,
+            RedoOp::RemoveLapsed(k) => self.lapsed.remove(k)?.is_some(),
+        };
+        if changed {
+            op.encode(&mut self.redo);
         }
         Ok(())
     }

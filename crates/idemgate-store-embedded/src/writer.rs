@@ -5,6 +5,11 @@
 //! anyway; funnelling every operation through one queue lets the writer put everything that
 //! arrived during the previous fsync into the next transaction (group commit), and makes
 //! "operations on one record apply in arrival order" hold by construction.
+//!
+//! A batch is made durable in one of two ways (see [`crate::wal`]): usually by a non-durable
+//! redb commit followed by one synced frame in the write-ahead log; when a checkpoint is due, by
+//! a durable redb commit, after which the log starts over. Either way every caller is answered
+//! only once its batch is durable.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,13 +21,15 @@ use idemgate::store::{
     Acquire, AcquireRequest, Completion, Deletion, LeaseExpiry, Release, Renewal, Resolution,
     Resolved, StoreError, WatchHub, decide_acquire, may_complete,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadableDatabase};
 use tokio::sync::oneshot;
 
 use crate::capacity::Capacity;
 use crate::tables::{
-    INFLIGHT, RECORDS, Stored, WriteTables, expiry_key, read_record, split_expiry_key,
+    INFLIGHT, META, META_WAL_GENERATION, RECORDS, Stored, WriteTables, read_record,
+    split_expiry_key,
 };
+use crate::wal::{RedoOp, Wal};
 
 /// One operation of the [`Store`](idemgate::store::Store) contract, as queued to the writer.
 pub(crate) enum OpKind {
@@ -55,6 +62,8 @@ pub(crate) enum OpKind {
     },
     Purge,
     Ping,
+    /// Fault injection for tests: every later append to the write-ahead log fails.
+    BreakLog,
     /// Fault injection for tests: bytes written under `id` without the codec.
     RawPut {
         id: RecordId,
@@ -92,6 +101,7 @@ pub(crate) struct Counters {
     pub(crate) operations: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) purged: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
 }
 
 /// Tunables the builder hands over.
@@ -100,6 +110,8 @@ pub(crate) struct WriterConfig {
     pub(crate) purge_interval: Duration,
     pub(crate) purge_batch: usize,
     pub(crate) quick_repair: bool,
+    pub(crate) checkpoint_interval: Duration,
+    pub(crate) checkpoint_log_bytes: u64,
 }
 
 pub(crate) struct Writer {
@@ -111,6 +123,11 @@ pub(crate) struct Writer {
     pub(crate) capacity: Capacity,
     pub(crate) counters: Arc<Counters>,
     pub(crate) config: WriterConfig,
+    pub(crate) wal: Wal,
+    pub(crate) last_checkpoint: Instant,
+    /// False after an append to the log failed: its tail is unknown, so every batch commits
+    /// durably until a checkpoint has started the log over.
+    pub(crate) wal_usable: bool,
 }
 
 /// The effect of one operation inside a batch.
@@ -204,6 +221,10 @@ impl Writer {
                     Msg::Op(OpKind::Ping, reply) => {
                         let _ = reply.send(Ok(Output::Pong));
                     }
+                    Msg::Op(OpKind::BreakLog, reply) => {
+                        let answer = self.wal.break_for_tests().map(|()| Output::Pong);
+                        let _ = reply.send(answer.map_err(store_err));
+                    }
                     Msg::Op(op, reply) => batch.push((op, reply)),
                 }
                 if batch.len() < self.config.max_batch {
@@ -218,6 +239,10 @@ impl Writer {
                     for (reply, _) in run.waiters {
                         let _ = reply.send(Err(closed()));
                     }
+                }
+                // The next open then has no log to replay.
+                if let Err(e) = self.checkpoint() {
+                    tracing::warn!(error = %e, "embedded store: the checkpoint at close failed; the next open replays the log");
                 }
                 drop(self.db);
                 let _ = done.send(());
@@ -296,14 +321,12 @@ impl Writer {
         if batch.iter().all(|(op, _)| matches!(op, OpKind::Get { .. })) {
             return self.read_batch(batch);
         }
+        let durable = self.checkpoint_due();
         let mut txn = self.db.begin_write().map_err(store_err)?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?;
-        txn.set_quick_repair(self.config.quick_repair);
         let mut answers = Vec::with_capacity(batch.len());
         let mut notify = Vec::new();
         let mut wrote = false;
-        {
+        let redo = {
             let mut tables = WriteTables::open(&txn).map_err(store_err)?;
             for (op, _) in batch {
                 let applied = self.apply(&mut tables, op).map_err(store_err)?;
@@ -311,21 +334,83 @@ impl Writer {
                 notify.extend(applied.notify);
                 answers.push(applied.answer);
             }
-        }
-        if wrote {
-            txn.commit().map_err(store_err)?;
-            self.counters.transactions.fetch_add(1, Ordering::Relaxed);
-        } else {
-            txn.abort().map_err(store_err)?;
-        }
+            tables.take_redo()
+        };
         self.counters
             .operations
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if !wrote {
+            txn.abort().map_err(store_err)?;
+            return Ok(answers);
+        }
+        if durable {
+            self.commit_durable(txn)?;
+        } else {
+            txn.set_durability(Durability::None)
+                .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?;
+            txn.commit().map_err(store_err)?;
+            self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+            // The batch is applied but not yet durable. From here on an error must not make
+            // `apply_batch` apply its operations again: they are in the database.
+            if let Err(e) = self.log(&redo) {
+                tracing::error!(error = %e, "embedded store: the batch is applied but could not be made durable");
+                return Ok(answers.into_iter().map(|_| Err(e.clone())).collect());
+            }
+        }
         // Only now is the change durable, so only now may a waiter see it.
         for id in &notify {
             self.hub.notify(id);
         }
         Ok(answers)
+    }
+
+    /// Whether the next batch should be a checkpoint (a durable redb commit).
+    fn checkpoint_due(&self) -> bool {
+        !self.wal_usable
+            || self.wal.len() >= self.config.checkpoint_log_bytes
+            || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval
+    }
+
+    /// Makes the batch just committed without durability durable through the log; if the log
+    /// fails, through a checkpoint instead.
+    fn log(&mut self, redo: &[u8]) -> Result<(), StoreError> {
+        if redo.is_empty() {
+            return Ok(());
+        }
+        self.wal.append(redo).or_else(|e| {
+            tracing::warn!(error = %e, "embedded store: appending to the write-ahead log failed; checkpointing instead");
+            self.wal_usable = false;
+            self.checkpoint()
+        })
+    }
+
+    /// A durable commit with nothing else in it: everything committed before becomes durable in
+    /// the file and the log starts over.
+    pub(crate) fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        self.commit_durable(txn)
+    }
+
+    /// Commits `txn` with immediate durability as a checkpoint: it names the log's next
+    /// generation, so the frames written so far are never replayed on top of it.
+    fn commit_durable(&mut self, mut txn: redb::WriteTransaction) -> Result<(), StoreError> {
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?;
+        txn.set_quick_repair(self.config.quick_repair);
+        let generation = self.wal.generation() + 1;
+        txn.open_table(META)
+            .and_then(|mut meta| {
+                meta.insert(META_WAL_GENERATION, generation)?;
+                Ok(())
+            })
+            .map_err(store_err)?;
+        txn.commit().map_err(store_err)?;
+        self.wal.restart(generation);
+        self.wal_usable = true;
+        self.last_checkpoint = Instant::now();
+        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn read_batch(
@@ -498,10 +583,10 @@ impl Writer {
             }
             // Handled by the loop before batching; answered here only for completeness.
             OpKind::Purge => Applied::read(Ok(Output::Purged(0))),
-            OpKind::Ping => Applied::read(Ok(Output::Pong)),
+            OpKind::Ping | OpKind::BreakLog => Applied::read(Ok(Output::Pong)),
             OpKind::RawPut { id, bytes } => {
-                t.records.insert(&id.0, bytes.as_slice())?;
-                t.inflight.remove(&id.0)?;
+                t.apply(RedoOp::PutRecord(&id.0, bytes))?;
+                t.apply(RedoOp::RemoveInflight(&id.0))?;
                 Applied::wrote(Output::Pong, Some(*id))
             }
         })
@@ -521,7 +606,7 @@ impl Writer {
         }
         Ok(match current {
             Some(Record::Completed(c))
-                if c.outcome.is_outcome_unknown() && t.lapsed.get(&req.id.0)?.is_some() =>
+                if c.outcome.is_outcome_unknown() && t.is_lapsed(&req.id)? =>
             {
                 Some(Record::InFlight(InFlight {
                     fingerprint: c.fingerprint,
@@ -540,25 +625,16 @@ impl Writer {
     fn purge_step(&mut self) -> Result<(u64, bool), StoreError> {
         let now = Timestamp::now();
         let limit = self.config.purge_batch;
-        let mut txn = self.db.begin_write().map_err(store_err)?;
-        txn.set_quick_repair(self.config.quick_repair);
+        let txn = self.db.begin_write().map_err(store_err)?;
         let mut deleted = Vec::new();
         let scanned;
         {
             let mut t = WriteTables::open(&txn).map_err(store_err)?;
-            let upper = expiry_key(now, &RecordId([0xff; 32]));
-            let keys: Vec<[u8; 40]> = t
-                .expiry
-                .range::<&[u8; 40]>(..=&upper)
-                .map_err(store_err)?
-                .take(limit)
-                .map(|e| e.map(|(k, _)| *k.value()))
-                .collect::<Result<_, _>>()
-                .map_err(store_err)?;
+            let keys = t.expired_keys(now, limit).map_err(store_err)?;
             scanned = keys.len();
             for key in keys {
                 let (expires_at, id) = split_expiry_key(&key);
-                t.expiry.remove(&key).map_err(store_err)?;
+                t.apply(RedoOp::RemoveExpiry(&key)).map_err(store_err)?;
                 // The index may hold an entry the record no longer matches (an unreadable
                 // record was force-deleted); only a Completed record with exactly this expiry is
                 // the one the entry stands for.
@@ -566,8 +642,8 @@ impl Writer {
                     && c.expires_at == expires_at
                     && c.expires_at <= now
                 {
-                    t.records.remove(&id.0).map_err(store_err)?;
-                    t.lapsed.remove(&id.0).map_err(store_err)?;
+                    t.apply(RedoOp::RemoveRecord(&id.0)).map_err(store_err)?;
+                    t.apply(RedoOp::RemoveLapsed(&id.0)).map_err(store_err)?;
                     deleted.push(id);
                 }
             }
@@ -576,8 +652,9 @@ impl Writer {
             txn.abort().map_err(store_err)?;
             return Ok((0, false));
         }
-        txn.commit().map_err(store_err)?;
-        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+        // A purge is rare and may be large: it commits as a checkpoint rather than through the
+        // log.
+        self.commit_durable(txn)?;
         self.counters
             .purged
             .fetch_add(deleted.len() as u64, Ordering::Relaxed);

@@ -19,6 +19,20 @@ use idemgate::store::{Acquire, AcquireRequest, Completion, LeaseExpiry, Store};
 use idemgate_store_embedded::EmbeddedStore;
 
 const CHILD_ENV: &str = "IDEMGATE_EMBEDDED_TEST_CHILD";
+/// The child store's checkpoint interval in milliseconds (the builder's default when unset).
+const CHECKPOINT_ENV: &str = "IDEMGATE_EMBEDDED_TEST_CHECKPOINT_MS";
+
+/// The store the child writes through.
+fn child_store(path: &Path) -> EmbeddedStore {
+    let mut builder = EmbeddedStore::builder(path).min_free_bytes(0);
+    if let Some(ms) = std::env::var(CHECKPOINT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.checkpoint_interval(Duration::from_millis(ms));
+    }
+    builder.open().unwrap()
+}
 
 fn id(n: u64) -> RecordId {
     RecordId::derive("crash", b"child", &n.to_be_bytes())
@@ -91,12 +105,7 @@ fn child_process_entry() {
 /// store gave on stdout: `HELD n` (acquired, left in flight), `ACQ n` (acquired), `DONE n`
 /// (complete answered Stored).
 async fn child_stream(path: &Path) {
-    let store = Arc::new(
-        EmbeddedStore::builder(path)
-            .min_free_bytes(0)
-            .open()
-            .unwrap(),
-    );
+    let store = Arc::new(child_store(path));
     let next = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut workers = Vec::new();
@@ -135,12 +144,7 @@ async fn child_stream(path: &Path) {
 /// Fills the store with `bulk()` completed records and `BULK_HELD` in-flight ones, says `READY`,
 /// and waits to be killed.
 async fn child_bulk(path: &Path) {
-    let store = Arc::new(
-        EmbeddedStore::builder(path)
-            .min_free_bytes(0)
-            .open()
-            .unwrap(),
-    );
+    let store = Arc::new(child_store(path));
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..512 {
@@ -190,7 +194,7 @@ struct ChildRun {
     lines: mpsc::Receiver<String>,
 }
 
-fn start_child(kind: &str, path: &Path) -> ChildRun {
+fn start_child(kind: &str, path: &Path, checkpoint_ms: Option<u64>) -> ChildRun {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "child_process_entry",
@@ -200,6 +204,7 @@ fn start_child(kind: &str, path: &Path) -> ChildRun {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, format!("{kind}:{}", path.display()))
+        .envs(checkpoint_ms.map(|ms| (CHECKPOINT_ENV, ms.to_string())))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -217,11 +222,34 @@ fn start_child(kind: &str, path: &Path) -> ChildRun {
     ChildRun { child, lines }
 }
 
+/// Checkpoints every 20 ms: the kill lands among checkpoints and log frames of many
+/// generations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_records_survive_sigkill_and_in_flight_ones_become_outcome_unknown() {
+    let report = crash_and_reopen(Some(20)).await;
+    assert!(
+        report.epoch >= 2,
+        "the file was opened before, by the child: {report:?}"
+    );
+}
+
+/// No checkpoint after the child's open: every batch it was answered for is durable only in
+/// the write-ahead log, so this is the log's replay alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_only_the_write_ahead_log_holds_survives_sigkill() {
+    let report = crash_and_reopen(Some(3_600_000)).await;
+    assert!(
+        report.replayed_batches > 0,
+        "the reopen replayed the log: {report:?}"
+    );
+}
+
+/// Runs the streaming child until it reports a few hundred completions, kills it with SIGKILL,
+/// reopens the file and checks every claim the child printed.
+async fn crash_and_reopen(checkpoint_ms: Option<u64>) -> idemgate_store_embedded::OpenReport {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.redb");
-    let mut run = start_child("stream", &path);
+    let mut run = start_child("stream", &path, checkpoint_ms);
 
     // Let it run until it has been told about a few hundred completions, then kill -9.
     let mut acquired = BTreeSet::new();
@@ -346,6 +374,8 @@ async fn completed_records_survive_sigkill_and_in_flight_ones_become_outcome_unk
         Acquire::Completed(c) => assert!(c.outcome.is_outcome_unknown()),
         other => panic!("retry of an in-flight record after the crash: {other:?}"),
     }
+    store.close().await;
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +383,7 @@ async fn open_time_after_sigkill_with_200k_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bulk.redb");
     let filled = Instant::now();
-    let mut run = start_child("bulk", &path);
+    let mut run = start_child("bulk", &path, None);
     let deadline = Instant::now() + Duration::from_secs(500);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

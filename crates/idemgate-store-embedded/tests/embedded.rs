@@ -88,6 +88,73 @@ async fn concurrent_requests_share_commits() {
     }
 }
 
+/// Between checkpoints a batch is durable through its log frame; when appending to the log
+/// fails, the batch is made durable by a checkpoint instead and its callers are answered as
+/// usual (never told "failed" for a write that is in the file, never told "done" for one that
+/// is not).
+#[tokio::test]
+async fn a_failing_write_ahead_log_falls_back_to_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = EmbeddedStore::builder(&path)
+        .min_free_bytes(0)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open()
+        .unwrap();
+    let write = |n: u64| {
+        let store = &store;
+        async move {
+            let t = Token::random();
+            let a = store.acquire(req(id(n), 1, t)).await.unwrap();
+            assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
+            let (k, o) = (id(n), outcome(n));
+            let c = store.complete(&k, t, &o, Duration::from_secs(60)).await;
+            assert_eq!(c.unwrap(), Completion::Stored);
+        }
+    };
+    let before = store.stats();
+    write(0).await;
+    let logged = store.stats();
+    assert_eq!(
+        logged.checkpoints, before.checkpoints,
+        "with the log working, writes are not checkpoints: {logged:?}"
+    );
+    assert_eq!(logged.transactions - before.transactions, 2);
+
+    store.break_log_for_tests().await.unwrap();
+    for n in 1..=3 {
+        write(n).await;
+    }
+    let after = store.stats();
+    assert_eq!(
+        after.checkpoints - logged.checkpoints,
+        6,
+        "each of the six writes was made durable by a checkpoint: {after:?}"
+    );
+    for n in 0..=3 {
+        match store.get(&id(n)).await.unwrap() {
+            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
+            other => panic!("record {n}: {other:?}"),
+        }
+    }
+    store.close().await;
+    let store = EmbeddedStore::builder(&path)
+        .min_free_bytes(0)
+        .open()
+        .unwrap();
+    assert_eq!(
+        store.open_report().replayed_batches,
+        0,
+        "the close checkpointed"
+    );
+    for n in 0..=3 {
+        assert!(matches!(
+            store.get(&id(n)).await.unwrap(),
+            Some(Record::Completed(_))
+        ));
+    }
+}
+
 #[tokio::test]
 async fn operations_on_one_record_apply_in_arrival_order() {
     let dir = tempfile::tempdir().unwrap();
