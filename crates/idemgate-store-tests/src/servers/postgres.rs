@@ -16,7 +16,6 @@
 //! A missing binary panics with a message naming the package to install (`postgresql`).
 
 use std::io::Write as _;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -491,11 +490,8 @@ fn chown_to_postgres(path: &Path) {
 }
 
 fn free_port() -> u16 {
-    // Binding to port 0 lets the kernel pick a free ephemeral port, which is never 5432.
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("cannot find a free port on 127.0.0.1: {e}"))
+    // The kernel picks among ephemeral ports, which never include 5432.
+    super::unused_port(|_| true).unwrap_or_else(|| panic!("cannot find a free port on 127.0.0.1"))
 }
 
 fn children_of(pid: u32) -> Vec<u32> {

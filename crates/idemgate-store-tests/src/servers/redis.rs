@@ -415,26 +415,16 @@ fn find_redis_server() -> PathBuf {
 }
 
 fn free_port(with_bus: bool) -> u16 {
-    for _ in 0..200 {
-        let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)) else {
-            continue;
-        };
-        let Ok(addr) = l.local_addr() else { continue };
-        let port = addr.port();
+    super::unused_port(|port| {
         if port == 6379 || port == 16379 {
-            continue;
+            return false;
         }
-        if with_bus {
-            let Some(bus) = port.checked_add(10000) else {
-                continue;
-            };
-            if TcpListener::bind((Ipv4Addr::LOCALHOST, bus)).is_err() {
-                continue;
-            }
-        }
-        return port;
-    }
-    panic!("no free loopback port for redis-server");
+        !with_bus
+            || port
+                .checked_add(10000)
+                .is_some_and(|bus| TcpListener::bind((Ipv4Addr::LOCALHOST, bus)).is_ok())
+    })
+    .unwrap_or_else(|| panic!("no free loopback port for redis-server"))
 }
 
 fn write_conf(dir: &Path, port: u16, extra: &[String], cluster: bool) -> PathBuf {
