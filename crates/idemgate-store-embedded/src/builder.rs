@@ -6,18 +6,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use idemgate::record::{Completed, Holder, Outcome, Record, Timestamp};
+use idemgate::record::{Completed, Holder, Outcome, Record, RecordId, Timestamp};
 use idemgate::store::WatchHub;
 use redb::{Database, DatabaseError, Durability, ReadableTable};
 
 use crate::capacity::Capacity;
+use crate::checkpoint::Checkpointer;
+use crate::state::{Overlay, Snapshot, State, Value};
 use crate::store::EmbeddedStore;
 use crate::tables::{
     META, META_EPOCH, META_SCHEMA, META_WAL_GENERATION, SCHEMA_VERSION, SCHEMA_VERSION_BEFORE_WAL,
     WriteTables,
 };
-use crate::wal::{self, RedoOp, Wal};
-use crate::writer::{Counters, Writer, WriterConfig};
+use crate::wal::{self, LoggedState, Wal};
+use crate::writer::{Counters, Rules, Writer, WriterConfig};
 
 /// Why [`EmbeddedStore::open`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,20 +164,20 @@ impl EmbeddedStoreBuilder {
         self
     }
 
-    /// How often, at most, a batch is committed to the file durably (a *checkpoint*) instead of
-    /// through the write-ahead log (default 1 s). Between checkpoints a batch costs one
-    /// sequential log write and one `fdatasync`; a checkpoint writes every B-tree page changed
-    /// since the previous one and holds up the batches behind it meanwhile (tens of ms at
-    /// saturation on the benchmark machine, see `docs/BENCHMARKS.md`). Shorter means shorter
-    /// stalls and the same pages written more often; longer means more log to replay after a
-    /// crash, and redb's bookkeeping of non-durable commits grows with their number.
+    /// How often the records changed since the last checkpoint are written into the file
+    /// (default 1 s). Between checkpoints a batch costs one sequential log write and one
+    /// `fdatasync`; a checkpoint, on its own thread, writes the final state of each changed
+    /// record into redb's B-tree in one durable commit. Longer means fewer B-tree writes for
+    /// records that change twice (acquire, then complete) and more in memory and in the log to
+    /// replay after a crash.
     pub fn checkpoint_interval(mut self, d: Duration) -> Self {
         self.checkpoint_interval = d;
         self
     }
 
-    /// The log size that makes the next batch a checkpoint whatever the interval (default
-    /// 64 MiB): the bound on what an open after a crash replays.
+    /// The log size that starts a checkpoint whatever the interval (default 64 MiB). While a
+    /// checkpoint runs, the writer waits for it once the log reaches twice this, which bounds
+    /// the memory the changed records take and what an open after a crash replays.
     pub fn checkpoint_log_bytes(mut self, bytes: u64) -> Self {
         self.checkpoint_log_bytes = bytes;
         self
@@ -217,11 +219,15 @@ impl EmbeddedStoreBuilder {
                 },
             })?;
 
-        let wal_path = wal::wal_path(&path);
-        let (epoch, generation, replayed_batches) = self.begin_epoch(&db, &wal_path)?;
+        let wal_paths = wal::wal_paths(&path);
+        let (epoch, generation, replayed_batches) = self.begin_epoch(&db, &wal_paths)?;
         let converted = self.convert_lapsed(&db, epoch)?;
-        let wal = Wal::open(&wal_path, generation)
-            .map_err(|e| io(format!("opening the write-ahead log {wal_path:?}: {e}")))?;
+        let wal = Wal::open(&wal_paths, generation)
+            .map_err(|e| io(format!("opening the write-ahead log {wal_paths:?}: {e}")))?;
+        let db = Arc::new(db);
+        let snapshot = Snapshot::take(&db).map_err(|e| self.redb_error(e))?;
+        let checkpointer = Checkpointer::spawn(db.clone(), self.quick_repair)
+            .map_err(|e| io(format!("starting the checkpoint thread: {e}")))?;
 
         let counters = Arc::new(Counters::default());
         let hub = WatchHub::new();
@@ -249,31 +255,40 @@ impl EmbeddedStoreBuilder {
         );
         let writer = Writer {
             db,
-            epoch,
+            rules: Rules {
+                epoch,
+                capacity: Capacity::new(path.clone(), self.min_free_bytes, self.max_file_bytes),
+            },
             hub: hub.clone(),
-            capacity: Capacity::new(path.clone(), self.min_free_bytes, self.max_file_bytes),
             counters: counters.clone(),
             config: WriterConfig {
                 max_batch: self.max_batch,
                 purge_interval: self.purge_interval,
                 purge_batch: self.purge_batch,
-                quick_repair: self.quick_repair,
                 checkpoint_interval: self.checkpoint_interval,
                 checkpoint_log_bytes: self.checkpoint_log_bytes,
             },
             wal,
-            last_checkpoint: Instant::now(),
-            wal_usable: true,
+            snapshot,
+            overlay: Overlay::default(),
+            frozen: None,
+            checkpointer,
+            overlay_since: Instant::now(),
+            snapshot_due: false,
         };
         EmbeddedStore::start(writer, hub, counters, report, path.clone())
             .map_err(|e| io(format!("starting the writer thread: {e}")))
     }
 
     /// In one durable transaction: checks the table layout (creating the tables of a new file),
-    /// replays the write-ahead log onto the last checkpoint, names the log's next generation and
-    /// increments the instance epoch. Returns the epoch, that generation, and the batches
-    /// replayed.
-    fn begin_epoch(&self, db: &Database, wal_path: &Path) -> Result<(Holder, u64, u64), OpenError> {
+    /// replays the write-ahead log onto the last checkpoint (the two generations it may hold,
+    /// see [`crate::wal`]), names the log's next generation and increments the instance epoch.
+    /// Returns the epoch, that generation, and the batches replayed.
+    fn begin_epoch(
+        &self,
+        db: &Database,
+        wal_paths: &[PathBuf; 2],
+    ) -> Result<(Holder, u64, u64), OpenError> {
         let fail = |e: redb::Error| self.redb_error(e);
         let mut txn = db.begin_write().map_err(|e| fail(e.into()))?;
         txn.set_durability(Durability::Immediate)
@@ -301,34 +316,48 @@ impl EmbeddedStoreBuilder {
             let previous = get(META_EPOCH)?.unwrap_or(0);
             let generation = get(META_WAL_GENERATION)?.unwrap_or(0);
 
-            let log = wal::read_log(wal_path, generation).map_err(|e| OpenError::Io {
-                path: wal_path.to_owned(),
-                detail: format!("reading the write-ahead log: {e}"),
-            })?;
-            if let Some(why) = &log.damaged_tail {
-                // Expected after a crash mid-append (that batch was never answered); anything
-                // else is damage the log cannot undo.
-                tracing::warn!(path = %wal_path.display(), why, "embedded store: the write-ahead log ends in an incomplete frame; replaying the frames before it");
-            }
-            for (n, frame) in log.frames.iter().enumerate() {
-                let mut rest = frame.as_slice();
-                while !rest.is_empty() {
-                    let op = RedoOp::decode(&mut rest).map_err(|e| {
-                        self.incompatible(format!("write-ahead log {wal_path:?}, frame {n}: {e}"))
-                    })?;
-                    tables.apply(op).map_err(|e| fail(e.into()))?;
+            let mut replayed = 0u64;
+            for generation in [generation, generation + 1] {
+                let log = wal::read_log(wal_paths, generation).map_err(|e| OpenError::Io {
+                    path: wal_paths[0].clone(),
+                    detail: format!("reading the write-ahead log: {e}"),
+                })?;
+                if let Some(why) = &log.damaged_tail {
+                    // Expected after a crash mid-append (that batch was never answered);
+                    // anything else is damage the log cannot undo.
+                    tracing::warn!(
+                        generation,
+                        why,
+                        "embedded store: the write-ahead log ends in an incomplete frame; replaying the frames before it"
+                    );
                 }
+                for (n, frame) in log.frames.iter().enumerate() {
+                    let mut rest = frame.as_slice();
+                    while !rest.is_empty() {
+                        let logged = LoggedState::decode(&mut rest).map_err(|e| {
+                            self.incompatible(format!(
+                                "write-ahead log {wal_paths:?}, generation {generation}, frame {n}: {e}"
+                            ))
+                        })?;
+                        tables
+                            .set_state(&RecordId(*logged.id), &State::from_logged(&logged))
+                            .map_err(|e| fail(e.into()))?;
+                    }
+                }
+                replayed += log.frames.len() as u64;
             }
             drop(tables);
 
             meta.insert(META_SCHEMA, SCHEMA_VERSION)
                 .map_err(|e| fail(e.into()))?;
-            meta.insert(META_WAL_GENERATION, generation + 1)
+            // Both replayed generations are in the file now; the other file may still hold
+            // frames of the second, so the writer starts on the one after it.
+            meta.insert(META_WAL_GENERATION, generation + 2)
                 .map_err(|e| fail(e.into()))?;
             // Epoch 0 is never live (placeholders made at open stand for it).
             let epoch = previous.wrapping_add(1).max(1);
             meta.insert(META_EPOCH, epoch).map_err(|e| fail(e.into()))?;
-            (epoch, generation + 1, log.frames.len() as u64)
+            (epoch, generation + 2, replayed)
         };
         txn.commit().map_err(|e| fail(e.into()))?;
         Ok((Holder(epoch), generation, replayed))
@@ -360,10 +389,11 @@ impl EmbeddedStoreBuilder {
                         expires_at: now.after(self.lapsed_retention),
                         origin_token: f.token,
                     });
-                    t.put(&id, Some(&Record::InFlight(f)), &new)
-                        .map_err(|e| fail(e.into()))?;
-                    t.apply(RedoOp::PutLapsed(&id.0, epoch.0))
-                        .map_err(|e| fail(e.into()))?;
+                    let state = State {
+                        value: Some(Value::Record(new)),
+                        lapsed: Some(epoch.0),
+                    };
+                    t.set_state(&id, &state).map_err(|e| fail(e.into()))?;
                     converted += 1;
                 }
             }
@@ -402,6 +432,95 @@ mod tests {
     use super::*;
     use redb::ReadableDatabase;
 
+    fn completed(n: u8) -> Record {
+        use idemgate::record::{Fingerprint, Token};
+        Record::Completed(Completed {
+            fingerprint: Fingerprint([n; 32]),
+            outcome: Outcome::outcome_unknown(),
+            expires_at: Timestamp::now().after(Duration::from_secs(3600)),
+            origin_token: Token::random(),
+        })
+    }
+
+    fn frame(states: &[(RecordId, State)]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for (id, state) in states {
+            state.encode_logged(id, &mut payload);
+        }
+        payload
+    }
+
+    fn file_generation(path: &Path) -> u64 {
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get(META_WAL_GENERATION).unwrap().unwrap().value()
+    }
+
+    /// A crash while a checkpoint runs leaves two generations unapplied: the one being
+    /// checkpointed and the one logged meanwhile. The open replays both, in order, and nothing of
+    /// an older generation left in either file.
+    #[test]
+    fn an_open_replays_both_unapplied_generations_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(
+            EmbeddedStore::builder(&path)
+                .min_free_bytes(0)
+                .open()
+                .unwrap(),
+        );
+        let g = file_generation(&path);
+        let (a, b, c, stale) = (
+            RecordId([1; 32]),
+            RecordId([2; 32]),
+            RecordId([3; 32]),
+            RecordId([4; 32]),
+        );
+        let put = |n: u8| State {
+            value: Some(Value::Record(completed(n))),
+            lapsed: None,
+        };
+        let paths = wal::wal_paths(&path);
+        let mut log = Wal::open(&paths, g - 1).unwrap();
+        // Left over from before the last checkpoint: must not come back.
+        log.append(&frame(&[(stale, put(9))])).unwrap();
+        log.switch(g);
+        log.append(&frame(&[(a, put(1)), (b, put(1))])).unwrap();
+        log.append(&frame(&[(c, put(1))])).unwrap();
+        log.switch(g + 1);
+        log.append(&frame(&[(a, put(2)), (c, State::default())]))
+            .unwrap();
+        drop(log);
+
+        let store = EmbeddedStore::builder(&path)
+            .min_free_bytes(0)
+            .open()
+            .unwrap();
+        assert_eq!(store.open_report().replayed_batches, 3);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let fingerprint = |id: &RecordId| {
+            rt.block_on(idemgate::store::Store::get(&store, id))
+                .unwrap()
+                .map(|r| r.fingerprint().0[0])
+        };
+        assert_eq!(fingerprint(&a), Some(2), "the later generation wins");
+        assert_eq!(fingerprint(&b), Some(1));
+        assert_eq!(fingerprint(&c), None, "removed in the later generation");
+        assert_eq!(
+            fingerprint(&stale),
+            None,
+            "an older generation is never replayed"
+        );
+        drop(store);
+        assert!(
+            file_generation(&path) >= g + 2,
+            "the writer moved past both"
+        );
+    }
+
     /// A log frame that passes its checksum but does not decode is damage the store cannot
     /// interpret: the open fails with a clear error instead of guessing or panicking.
     #[test]
@@ -414,20 +533,15 @@ mod tests {
                 .open()
                 .unwrap(),
         );
-        let generation = {
-            let db = Database::open(&path).unwrap();
-            let txn = db.begin_read().unwrap();
-            let meta = txn.open_table(META).unwrap();
-            meta.get(META_WAL_GENERATION).unwrap().unwrap().value()
-        };
-        let mut log = Wal::open(&wal::wal_path(&path), generation).unwrap();
+        let generation = file_generation(&path);
+        let mut log = Wal::open(&wal::wal_paths(&path), generation).unwrap();
         log.append(&[9, 9, 9]).unwrap();
         drop(log);
 
         match EmbeddedStore::builder(&path).min_free_bytes(0).open() {
             Err(OpenError::Incompatible { detail, .. }) => {
                 assert!(detail.contains("write-ahead log"), "{detail}");
-                assert!(detail.contains("unknown operation tag 9"), "{detail}");
+                assert!(detail.contains("cut short"), "{detail}");
             }
             other => panic!("opening with a damaged log: {other:?}"),
         }

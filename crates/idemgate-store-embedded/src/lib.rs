@@ -4,17 +4,18 @@
 //! `idemgate::store` with three properties of its own:
 //!
 //! - **Durable before answering.** `acquire`, `complete` and every other write return only
-//!   after the write transaction that holds them is durable (`fdatasync`): through one frame
-//!   appended to a write-ahead log beside the file (`<file>-wal`), or, at a checkpoint, through
-//!   a durable commit of the file itself. Checkpoints come at most every
-//!   [`EmbeddedStoreBuilder::checkpoint_interval`] (default 1 s) or when the log reaches
-//!   [`EmbeddedStoreBuilder::checkpoint_log_bytes`]; an open replays the log written since the
-//!   last one. The log turns a durable commit's random page writes and two syncs into one
-//!   sequential write and one sync per batch.
-//! - **Group commit.** One writer thread owns the database. Callers hand it operations over a
-//!   channel; it applies everything that queued up while the previous commit was syncing in ONE
-//!   write transaction, then answers each caller. Concurrent requests therefore share fsyncs,
-//!   and operations on one record apply in arrival order. [`EmbeddedStore::stats`] counts both.
+//!   once durable (`fdatasync`): the new state of every record a batch changed is appended to
+//!   a write-ahead log beside the file (`<file>-wal-0` and `-wal-1`) as one frame and synced,
+//!   and only then kept and answered. The records changed since the last *checkpoint* stay in
+//!   memory in front of the file; about every [`EmbeddedStoreBuilder::checkpoint_interval`]
+//!   (default 1 s) a checkpoint thread writes them into the file in one durable redb commit
+//!   while the writer goes on, and an open replays what the log holds beyond the last one. A
+//!   record acquired and completed between two checkpoints reaches the B-tree once.
+//! - **Group commit.** One writer thread applies every operation. Callers hand it operations
+//!   over a channel; it applies everything that queued up while the previous batch was syncing
+//!   as ONE batch (one log frame, one sync), then answers each caller. Concurrent requests
+//!   therefore share syncs, and operations on one record apply in arrival order.
+//!   [`EmbeddedStore::stats`] counts both.
 //! - **Leases judged by process liveness.** Every open increments an *instance epoch* kept in
 //!   the file; an in-flight record carries the epoch that wrote it. A lease is lapsed iff its
 //!   epoch is not the current one, never by the wall clock. Before an open returns, every
@@ -22,15 +23,14 @@
 //!   outcome-unknown, so retries get their answer at once after a restart.
 //!
 //! Restart after a crash is bounded: checkpoints record redb's allocator state ("quick repair"),
-//! so an open after `kill -9` does not walk the whole file, and the log to replay is at most
-//! [`EmbeddedStoreBuilder::checkpoint_log_bytes`]. If appending to the log fails, the batch is
-//! made durable by a checkpoint instead (and so is every batch until one succeeds); if that
-//! fails too, its callers get `Unavailable`, and the batch may still become durable with a
-//! later checkpoint, as with any store error that may have applied.
+//! so an open after `kill -9` does not walk the whole file, and the log to replay is about one
+//! checkpoint interval's writes (at most [`EmbeddedStoreBuilder::checkpoint_log_bytes`] twice).
+//! If appending to the log fails, the batch is not applied and its callers get `Unavailable`
+//! (`Full` on a full disk); a failed checkpoint is retried while its records stay in the log.
 //!
-//! Keep the file and its `-wal` companion together: copying or moving one without the other
+//! Keep the file and its `-wal-*` companions together: copying or moving one without the others
 //! loses what the log holds.
-//!
+
 //! # One process only
 //!
 //! The file is locked while a store has it open; a second open (in this or another process)
@@ -80,6 +80,8 @@
 
 mod builder;
 mod capacity;
+mod checkpoint;
+mod state;
 mod store;
 mod tables;
 mod wal;

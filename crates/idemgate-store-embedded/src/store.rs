@@ -35,8 +35,7 @@ pub struct EmbeddedStore {
 /// Counters of the writer, to observe group commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbeddedStats {
-    /// Write transactions committed, each made durable by one sync: of the write-ahead log, or
-    /// of the file for a checkpoint.
+    /// Batches made durable, each by one synced frame of the write-ahead log.
     pub transactions: u64,
     /// Operations applied (including reads and refusals).
     pub operations: u64,
@@ -44,7 +43,7 @@ pub struct EmbeddedStats {
     pub batches: u64,
     /// Expired records purged since open.
     pub purged: u64,
-    /// Checkpoints: durable commits to the file, after which the write-ahead log starts over.
+    /// Checkpoints finished: durable commits of the changed records into the file.
     pub checkpoints: u64,
 }
 
@@ -135,8 +134,8 @@ impl EmbeddedStore {
         }
     }
 
-    /// Makes every later append to the write-ahead log fail: fault injection for tests of the
-    /// fallback to checkpoints. Not for production use.
+    /// Makes every later append to the write-ahead log fail: fault injection for tests of a
+    /// batch the log cannot take. Not for production use.
     #[doc(hidden)]
     pub async fn break_log_for_tests(&self) -> Result<(), StoreError> {
         match self.call(OpKind::BreakLog).await? {

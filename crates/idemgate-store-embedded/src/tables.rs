@@ -4,7 +4,7 @@ use idemgate::record::{Holder, InFlight, Record, RecordId, Timestamp};
 use idemgate::store::StoreError;
 use redb::{ReadableTable, Table, TableDefinition};
 
-use crate::wal::RedoOp;
+use crate::state::{State, Value};
 
 /// `record_id → Record::encode()` of every record that is not in flight (Completed, and bytes
 /// written by fault injection). Values are whole encoded records, so a value that does not
@@ -44,8 +44,8 @@ pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::ne
 pub(crate) const META_EPOCH: &str = "epoch";
 /// Key of the schema version in [`META`].
 pub(crate) const META_SCHEMA: &str = "schema";
-/// Key in [`META`] of the write-ahead log generation whose frames follow this state (see
-/// [`crate::wal`]). Absent in a new file: generation 0.
+/// Key in [`META`] of the first write-ahead log generation this state does not hold (see
+/// [`crate::wal`]): an open replays that generation and the next. Absent in a new file: 0.
 pub(crate) const META_WAL_GENERATION: &str = "wal_generation";
 /// The table layout this build writes. Version 1 kept InFlight records in [`RECORDS`] with an
 /// `inflight` index beside them; its files are refused (nothing was released with it).
@@ -114,17 +114,13 @@ fn decode(bytes: &[u8]) -> Stored {
     }
 }
 
-/// The tables a record write touches, opened once per write transaction.
-///
-/// Every change goes through a method here, which also appends it to [`redo`](Self::take_redo)
-/// as a [`RedoOp`]: the batch's frame in the write-ahead log is exactly the table changes the
-/// transaction made, in order.
+/// The tables a record write touches, opened once per write transaction: the checkpoint's,
+/// the open's replay of the log and its lapse pass.
 pub(crate) struct WriteTables<'txn> {
     records: Table<'txn, &'static [u8; 32], &'static [u8]>,
     expiry: Table<'txn, &'static [u8; 40], ()>,
     inflight: Table<'txn, &'static [u8; 32], &'static [u8]>,
     lapsed: Table<'txn, &'static [u8; 32], u64>,
-    redo: Vec<u8>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -135,23 +131,7 @@ impl<'txn> WriteTables<'txn> {
             expiry: txn.open_table(EXPIRY)?,
             inflight: txn.open_table(INFLIGHT)?,
             lapsed: txn.open_table(LAPSED)?,
-            redo: Vec::new(),
         })
-    }
-
-    /// The encoded changes made so far (and forgets them).
-    pub(crate) fn take_redo(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.redo)
-    }
-
-    /// The record under `id`, read in this transaction.
-    pub(crate) fn read(&self, id: &RecordId) -> Result<Stored, redb::StorageError> {
-        read_record(&self.records, &self.inflight, id)
-    }
-
-    /// Whether `id` has an entry in [`LAPSED`].
-    pub(crate) fn is_lapsed(&self, id: &RecordId) -> Result<bool, redb::StorageError> {
-        Ok(self.lapsed.get(&id.0)?.is_some())
     }
 
     /// Up to `limit` in-flight records whose holder is not `epoch`; unreadable ones are left
@@ -176,99 +156,45 @@ impl<'txn> WriteTables<'txn> {
             .collect()
     }
 
-    /// Up to `limit` expiry-index keys due at or before `now`, oldest first.
-    pub(crate) fn expired_keys(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<[u8; 40]>, redb::StorageError> {
-        let upper = expiry_key(now, &RecordId([0xff; 32]));
-        self.expiry
-            .range::<&[u8; 40]>(..=&upper)?
-            .take(limit)
-            .map(|e| e.map(|(k, _)| *k.value()))
-            .collect()
-    }
-
-    /// Replaces whatever is under `id` (`old`, as read in this transaction) with `new`, keeping
-    /// the expiry index in step: the old Completed record's entry goes, the new one's comes.
-    pub(crate) fn put(
+    /// Makes the file hold `state` for `id`, whatever it held: an InFlight record goes to
+    /// [`INFLIGHT`], anything else to [`RECORDS`] (a Completed record with its [`EXPIRY`]
+    /// entry), and nothing of `id` stays in the other table or under the old expiry.
+    pub(crate) fn set_state(
         &mut self,
         id: &RecordId,
-        old: Option<&Record>,
-        new: &Record,
+        state: &State,
     ) -> Result<(), redb::StorageError> {
-        self.unindex(id, old)?;
-        self.apply(RedoOp::RemoveLapsed(&id.0))?;
-        match new {
-            Record::Completed(c) => {
-                self.apply(RedoOp::PutRecord(&id.0, new.encode().as_slice()))?;
-                self.apply(RedoOp::PutExpiry(&expiry_key(c.expires_at, id)))?;
-                if !matches!(old, Some(Record::Completed(_))) {
-                    self.apply(RedoOp::RemoveInflight(&id.0))?;
-                }
+        if let Stored::Record(Record::Completed(c)) =
+            read_record(&self.records, &self.inflight, id)?
+        {
+            self.expiry.remove(&expiry_key(c.expires_at, id))?;
+        }
+        match &state.value {
+            None => {
+                self.records.remove(&id.0)?;
+                self.inflight.remove(&id.0)?;
             }
-            Record::InFlight(_) => {
-                self.apply(RedoOp::PutInflight(&id.0, new.encode().as_slice()))?;
-                if !matches!(old, Some(Record::InFlight(f)) if f.holder.0 != 0) {
-                    // Whatever `old` says (an acquire may present a lapsed placeholder as the
-                    // lease it stands for), nothing of this id may stay in the other table. A
-                    // remove of an absent key writes no page.
-                    if let Some(Stored::Record(Record::Completed(c))) = self.remove_record(id)? {
-                        self.apply(RedoOp::RemoveExpiry(&expiry_key(c.expires_at, id)))?;
-                    }
-                }
+            Some(Value::Record(r @ Record::InFlight(_))) => {
+                self.inflight.insert(&id.0, r.encode().as_slice())?;
+                self.records.remove(&id.0)?;
+            }
+            Some(Value::Record(r @ Record::Completed(c))) => {
+                self.records.insert(&id.0, r.encode().as_slice())?;
+                self.expiry.insert(&expiry_key(c.expires_at, id), ())?;
+                self.inflight.remove(&id.0)?;
+            }
+            Some(Value::Raw(bytes)) => {
+                self.records.insert(&id.0, &bytes[..])?;
+                self.inflight.remove(&id.0)?;
             }
         }
-        Ok(())
-    }
-
-    /// Deletes the record under `id` (`old`, as read in this transaction, `None` when it was
-    /// unreadable) and its index entry.
-    pub(crate) fn remove(
-        &mut self,
-        id: &RecordId,
-        old: Option<&Record>,
-    ) -> Result<(), redb::StorageError> {
-        self.unindex(id, old)?;
-        // Both tables, unconditionally: an unreadable record (force-deleted) may be in either.
-        self.apply(RedoOp::RemoveRecord(&id.0))?;
-        self.apply(RedoOp::RemoveInflight(&id.0))?;
-        self.apply(RedoOp::RemoveLapsed(&id.0))?;
-        Ok(())
-    }
-
-    fn unindex(&mut self, id: &RecordId, old: Option<&Record>) -> Result<(), redb::StorageError> {
-        if let Some(Record::Completed(c)) = old {
-            self.apply(RedoOp::RemoveExpiry(&expiry_key(c.expires_at, id)))?;
-        }
-        Ok(())
-    }
-
-    /// Removes `id` from [`RECORDS`], returning what was there.
-    fn remove_record(&mut self, id: &RecordId) -> Result<Option<Stored>, redb::StorageError> {
-        let gone = self.records.remove(&id.0)?.map(|v| decode(v.value()));
-        if gone.is_some() {
-            RedoOp::RemoveRecord(&id.0).encode(&mut self.redo);
-        }
-        Ok(gone)
-    }
-
-    /// Makes one change and logs it. A remove of an absent key is not logged: replaying it
-    /// would change nothing (see the idempotence argument in [`crate::wal`]).
-    pub(crate) fn apply(&mut self, op: RedoOp<'_>) -> Result<(), redb::StorageError> {
-        let changed = match op {
-            RedoOp::PutRecord(k, v) => self.records.insert(k, v).map(|_| true)?,
-            RedoOp::RemoveRecord(k) => self.records.remove(k)?.is_some(),
-            RedoOp::PutInflight(k, v) => self.inflight.insert(k, v).map(|_| true)?,
-            RedoOp::RemoveInflight(k) => self.inflight.remove(k)?.is_some(),
-            RedoOp::PutExpiry(k) => self.expiry.insert(k, ()).map(|_| true)?,
-            RedoOp::RemoveExpiry(k) => self.expiry.remove(k)?.is_some(),
-            RedoOp::PutLapsed(k, epoch) => self.lapsed.insert(k, epoch).map(|_| true)?,
-            RedoOp::RemoveLapsed(k) => self.lapsed.remove(k)?.is_some(),
-        };
-        if changed {
-            op.encode(&mut self.redo);
+        match state.lapsed {
+            Some(epoch) => {
+                self.lapsed.insert(&id.0, epoch)?;
+            }
+            None => {
+                self.lapsed.remove(&id.0)?;
+            }
         }
         Ok(())
     }
