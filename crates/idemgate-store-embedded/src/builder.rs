@@ -392,6 +392,7 @@ impl EmbeddedStoreBuilder {
                     let state = State {
                         value: Some(Value::Record(new)),
                         lapsed: Some(epoch.0),
+                        new_to_file: false,
                     };
                     t.set_state(&id, &state).map_err(|e| fail(e.into()))?;
                     converted += 1;
@@ -480,6 +481,7 @@ mod tests {
         let put = |n: u8| State {
             value: Some(Value::Record(completed(n))),
             lapsed: None,
+            new_to_file: false,
         };
         let paths = wal::wal_paths(&path);
         let mut log = Wal::open(&paths, g - 1).unwrap();

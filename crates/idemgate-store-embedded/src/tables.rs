@@ -164,6 +164,9 @@ impl<'txn> WriteTables<'txn> {
         id: &RecordId,
         state: &State,
     ) -> Result<(), redb::StorageError> {
+        if state.new_to_file {
+            return self.insert_new(id, state);
+        }
         if let Stored::Record(Record::Completed(c)) =
             read_record(&self.records, &self.inflight, id)?
         {
@@ -195,6 +198,27 @@ impl<'txn> WriteTables<'txn> {
             None => {
                 self.lapsed.remove(&id.0)?;
             }
+        }
+        Ok(())
+    }
+
+    /// [`set_state`](Self::set_state) for a record the file holds nothing of.
+    fn insert_new(&mut self, id: &RecordId, state: &State) -> Result<(), redb::StorageError> {
+        match &state.value {
+            None => {}
+            Some(Value::Record(r @ Record::InFlight(_))) => {
+                self.inflight.insert(&id.0, r.encode().as_slice())?;
+            }
+            Some(Value::Record(r @ Record::Completed(c))) => {
+                self.records.insert(&id.0, r.encode().as_slice())?;
+                self.expiry.insert(&expiry_key(c.expires_at, id), ())?;
+            }
+            Some(Value::Raw(bytes)) => {
+                self.records.insert(&id.0, &bytes[..])?;
+            }
+        }
+        if let Some(epoch) = state.lapsed {
+            self.lapsed.insert(&id.0, epoch)?;
         }
         Ok(())
     }

@@ -328,12 +328,7 @@ impl Writer {
         &mut self,
         batch: &[(OpKind, Reply)],
     ) -> Result<Vec<Result<Output, StoreError>>, StoreError> {
-        let mut view = View {
-            staged: Overlay::default(),
-            overlay: &self.overlay,
-            frozen: self.frozen.as_deref(),
-            snapshot: &self.snapshot,
-        };
+        let mut view = View::new(&self.overlay, self.frozen.as_deref(), &self.snapshot);
         let mut answers = Vec::with_capacity(batch.len());
         let mut notify = Vec::new();
         for (op, _) in batch {
@@ -341,7 +336,7 @@ impl Writer {
             notify.extend(applied.notify);
             answers.push(applied.answer);
         }
-        let staged = view.staged;
+        let staged = view.into_staged();
         self.counters
             .operations
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -466,19 +461,12 @@ impl Writer {
     fn purge_step(&mut self, run: &mut PurgeRun) -> Result<(u64, bool), StoreError> {
         let now = Timestamp::now();
         let limit = self.config.purge_batch;
-        let mut view = View {
-            staged: Overlay::default(),
-            overlay: &self.overlay,
-            frozen: self.frozen.as_deref(),
-            snapshot: &self.snapshot,
-        };
+        let mut view = View::new(&self.overlay, self.frozen.as_deref(), &self.snapshot);
         let mut deleted = Vec::new();
         if !run.changed_scanned {
             run.changed_scanned = true;
             let expired: Vec<RecordId> = view
-                .overlay
-                .iter()
-                .chain(view.frozen.into_iter().flatten())
+                .changed_records()
                 .filter(|(_, s)| matches!(&s.value, Some(Value::Record(r)) if is_expired(r, now)))
                 .map(|(id, _)| *id)
                 .collect();
@@ -492,7 +480,7 @@ impl Writer {
             }
         }
         let keys = view
-            .snapshot
+            .snapshot()
             .expired_keys(run.cursor.as_ref(), now, limit)
             .map_err(store_err)?;
         for key in &keys {
@@ -509,7 +497,7 @@ impl Writer {
             }
         }
         run.cursor = keys.last().copied().or(run.cursor);
-        let staged = view.staged;
+        let staged = view.into_staged();
         self.make_durable(staged)?;
         self.counters
             .purged

@@ -1,6 +1,8 @@
 //! The shared store conformance suite against the embedded store. `lapse_leases` is a real
 //! restart: the file is closed and opened again, which starts a new instance epoch. The suite
-//! runs twice: directly, and through the fault-injecting wrapper with random delays.
+//! runs three times: directly, with a checkpoint after every batch (so that records are read
+//! back from the file, from a running checkpoint and from memory, in every mix), and through
+//! the fault-injecting wrapper with random delays.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +18,7 @@ use idemgate_store_tests::{FaultyHarness, Harness, async_trait};
 struct EmbeddedHarness {
     dir: tempfile::TempDir,
     files: AtomicUsize,
+    checkpoint_interval: Option<Duration>,
 }
 
 impl EmbeddedHarness {
@@ -23,6 +26,15 @@ impl EmbeddedHarness {
         EmbeddedHarness {
             dir: tempfile::tempdir().expect("temp dir"),
             files: AtomicUsize::new(0),
+            checkpoint_interval: None,
+        }
+    }
+
+    /// Checkpoints as often as the writer can start them.
+    fn checkpointing() -> Self {
+        EmbeddedHarness {
+            checkpoint_interval: Some(Duration::ZERO),
+            ..Self::new()
         }
     }
 
@@ -35,8 +47,12 @@ impl EmbeddedHarness {
     /// for 1 h, and it checks that a lapsed lease's placeholder is kept for that long; a lease
     /// that lapses by a restart is converted at open, before any request names a retention, so
     /// the store's configured retention for those is set to the same hour.
-    fn builder(path: PathBuf) -> EmbeddedStoreBuilder {
-        EmbeddedStore::builder(path).lapsed_retention(Duration::from_secs(3600))
+    fn builder(&self, path: PathBuf) -> EmbeddedStoreBuilder {
+        let builder = EmbeddedStore::builder(path).lapsed_retention(Duration::from_secs(3600));
+        match self.checkpoint_interval {
+            Some(d) => builder.checkpoint_interval(d),
+            None => builder,
+        }
     }
 }
 
@@ -45,7 +61,7 @@ impl Harness for EmbeddedHarness {
     type Store = EmbeddedStore;
 
     async fn fresh(&self) -> EmbeddedStore {
-        Self::builder(self.next_path())
+        self.builder(self.next_path())
             .open()
             .expect("open a fresh embedded store")
     }
@@ -54,7 +70,8 @@ impl Harness for EmbeddedHarness {
         let path = store.path().to_path_buf();
         let epoch = store.open_report().epoch;
         store.close().await;
-        let store = Self::builder(path)
+        let store = self
+            .builder(path)
             .open()
             .expect("reopen the embedded store");
         assert_eq!(
@@ -73,7 +90,7 @@ impl Harness for EmbeddedHarness {
     }
 
     async fn tiny(&self) -> EmbeddedStore {
-        Self::builder(self.next_path())
+        self.builder(self.next_path())
             .max_file_bytes(Some(256 * 1024))
             .open()
             .expect("open a tiny embedded store")
@@ -87,6 +104,11 @@ impl Harness for EmbeddedHarness {
 mod embedded {
     use super::*;
     idemgate_store_tests::conformance_tests!(EmbeddedHarness::new());
+}
+
+mod embedded_checkpointing {
+    use super::*;
+    idemgate_store_tests::conformance_tests!(EmbeddedHarness::checkpointing());
 }
 
 /// Delays change timing only, never an answer: the whole suite must still pass.

@@ -404,3 +404,120 @@ async fn readiness_answers() {
     store.readiness().await.unwrap();
     assert_eq!(store.kind(), "embedded");
 }
+
+/// What the model expects `get` to answer for one record.
+#[derive(Clone, Debug, PartialEq)]
+enum Expected {
+    Absent,
+    InFlight(Token),
+    Completed(Outcome),
+}
+
+/// Random operations on a few records, many in flight at once (so batches mix them), with a
+/// checkpoint after every batch and reopens in between: after each round every record reads
+/// back exactly as a plain state machine says. This is what holds the in-memory overlay, the
+/// running checkpoint and the file together: a record written to the file and changed again
+/// must never leave its older version readable in the other table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_match_a_model_through_checkpoints_and_reopens() {
+    const RECORDS: u64 = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let open = || {
+        EmbeddedStore::builder(&path)
+            .min_free_bytes(0)
+            .checkpoint_interval(Duration::ZERO)
+            .open()
+            .unwrap()
+    };
+    let mut store = Arc::new(open());
+    let mut model = vec![Expected::Absent; RECORDS as usize];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut checkpoints = 0;
+    for round in 0..40 {
+        // One operation per record at most, so that every operation's effect is known whatever
+        // order the batch applies them in; all of them in flight together.
+        let mut tasks = Vec::new();
+        for n in 0..RECORDS {
+            let store = store.clone();
+            let (k, ttl) = (id(n), Duration::from_secs(3600));
+            let expected = model[n as usize].clone();
+            let pick = random(5);
+            let t = Token::random();
+            let next = match (&expected, pick) {
+                (Expected::Absent, 0..=2) => Some(Expected::InFlight(t)),
+                (Expected::InFlight(_), 0..=1) => {
+                    Some(Expected::Completed(outcome(round * 100 + n)))
+                }
+                (Expected::InFlight(_), 2) => Some(Expected::Absent),
+                (_, 3) => Some(Expected::Absent),
+                _ => None,
+            };
+            let next = next.unwrap_or(expected.clone());
+            model[n as usize] = next.clone();
+            tasks.push(tokio::spawn(async move {
+                match (&expected, &next) {
+                    (Expected::Absent, Expected::InFlight(t)) => {
+                        let a = store.acquire(req(k, 1, *t)).await.unwrap();
+                        assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
+                    }
+                    (Expected::InFlight(t), Expected::Completed(o)) => {
+                        let c = store.complete(&k, *t, o, ttl).await.unwrap();
+                        assert_eq!(c, Completion::Stored);
+                    }
+                    (Expected::InFlight(t), Expected::Absent) if pick == 2 => {
+                        assert_eq!(store.release(&k, *t).await.unwrap(), Release::Released);
+                    }
+                    (Expected::Absent, Expected::Absent) => {}
+                    (_, Expected::Absent) => {
+                        let d = store.delete(&k, true).await.unwrap();
+                        assert_eq!(d, idemgate::store::Deletion::Deleted);
+                    }
+                    (Expected::Completed(o), _) => {
+                        // A replay: the same answer, nothing changes.
+                        match store.acquire(req(k, 1, Token::random())).await.unwrap() {
+                            Acquire::Completed(c) => assert_eq!(&c.outcome, o),
+                            other => panic!("replay of record {n}: {other:?}"),
+                        }
+                    }
+                    _ => {}
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for n in 0..RECORDS {
+            let got = match store.get(&id(n)).await.unwrap() {
+                None => Expected::Absent,
+                Some(Record::InFlight(f)) => Expected::InFlight(f.token),
+                Some(Record::Completed(c)) => Expected::Completed(c.outcome),
+            };
+            assert_eq!(got, model[n as usize], "record {n} after round {round}");
+        }
+        checkpoints = checkpoints.max(store.stats().checkpoints);
+        if round % 10 == 9 {
+            let Ok(s) = Arc::try_unwrap(store) else {
+                panic!("every task has finished")
+            };
+            s.close().await;
+            store = Arc::new(open());
+            // A reopen is a new epoch: the records that were in flight are outcome-unknown.
+            for m in model.iter_mut() {
+                if matches!(m, Expected::InFlight(_)) {
+                    *m = Expected::Completed(Outcome::outcome_unknown());
+                }
+            }
+        }
+    }
+    assert!(
+        checkpoints > 5,
+        "checkpoints ran between the rounds: {checkpoints}"
+    );
+}
