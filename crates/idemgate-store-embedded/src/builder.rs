@@ -106,7 +106,7 @@ impl EmbeddedStoreBuilder {
             cache_bytes: 64 * 1024 * 1024,
             quick_repair: true,
             checkpoint_interval: Duration::from_secs(1),
-            checkpoint_log_bytes: 64 * 1024 * 1024,
+            checkpoint_log_bytes: 16 * 1024 * 1024,
         }
     }
 
@@ -175,7 +175,7 @@ impl EmbeddedStoreBuilder {
         self
     }
 
-    /// The log size that starts a checkpoint whatever the interval (default 64 MiB). While a
+    /// The log size that starts a checkpoint whatever the interval (default 16 MiB). While a
     /// checkpoint runs, the writer waits for it once the log reaches twice this, which bounds
     /// the memory the changed records take and what an open after a crash replays.
     pub fn checkpoint_log_bytes(mut self, bytes: u64) -> Self {

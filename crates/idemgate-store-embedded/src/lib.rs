@@ -23,8 +23,10 @@
 //!   outcome-unknown, so retries get their answer at once after a restart.
 //!
 //! Restart after a crash is bounded: checkpoints record redb's allocator state ("quick repair"),
-//! so an open after `kill -9` does not walk the whole file, and the log to replay is about one
-//! checkpoint interval's writes (at most [`EmbeddedStoreBuilder::checkpoint_log_bytes`] twice).
+//! so an open after `kill -9` does not walk the whole file, and the log it replays is what
+//! was written since the last finished checkpoint: about a checkpoint interval's writes, at
+//! most four times [`EmbeddedStoreBuilder::checkpoint_log_bytes`] (two generations, each cut
+//! off at twice that size while a checkpoint runs).
 //! If appending to the log fails, the batch is not applied and its callers get `Unavailable`
 //! (`Full` on a full disk); a failed checkpoint is retried while its records stay in the log.
 //!
