@@ -2,6 +2,7 @@
 //! thread of their own so that batches keep being logged and answered meanwhile.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,6 +41,19 @@ pub(crate) fn write(
     txn.commit().map_err(store_err)
 }
 
+fn injected() -> StoreError {
+    StoreError::Unavailable("embedded store: checkpoint failure injected for tests".into())
+}
+
+/// Checkpoints are background work: on a busy machine the writer and the request workers should
+/// get the CPU first. On Linux a nice value is per thread, and raising it needs no privilege.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, 10) {
+        tracing::debug!(error = %e, "embedded store: could not lower the checkpoint thread's priority");
+    }
+}
+
 struct Job {
     states: Arc<Overlay>,
     next_generation: u64,
@@ -54,6 +68,8 @@ pub(crate) struct Checkpointer {
     running: bool,
     /// A failed checkpoint to start again at this time.
     retry: Option<(Instant, Job)>,
+    /// Fault injection for tests: while set, every checkpoint fails.
+    failing: Arc<AtomicBool>,
 }
 
 impl Checkpointer {
@@ -61,11 +77,18 @@ impl Checkpointer {
     pub(crate) fn spawn(db: Arc<Database>, quick_repair: bool) -> std::io::Result<Checkpointer> {
         let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done) = std::sync::mpsc::channel();
+        let failing = Arc::new(AtomicBool::new(false));
+        let fail = failing.clone();
         let thread = std::thread::Builder::new()
             .name("idemgate-checkpoint".into())
             .spawn(move || {
+                lower_priority();
                 for job in job_rx {
-                    let result = write(&db, &job.states, job.next_generation, quick_repair);
+                    let result = if fail.load(Ordering::Relaxed) {
+                        Err(injected())
+                    } else {
+                        write(&db, &job.states, job.next_generation, quick_repair)
+                    };
                     if done_tx.send(result).is_err() {
                         break;
                     }
@@ -78,12 +101,31 @@ impl Checkpointer {
             quick_repair,
             running: false,
             retry: None,
+            failing,
         })
     }
 
-    /// Whether commits record the allocator state (quick repair).
-    pub(crate) fn quick_repair(&self) -> bool {
-        self.quick_repair
+    /// Fault injection for tests: makes every checkpoint fail (or work again).
+    pub(crate) fn fail_for_tests(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Writes `states` on the calling thread (the checkpoint at close).
+    pub(crate) fn write_now(
+        &self,
+        db: &Database,
+        states: &Overlay,
+        next_generation: u64,
+    ) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(injected());
+        }
+        write(db, states, next_generation, self.quick_repair)
+    }
+
+    /// Whether a checkpoint is being written now.
+    pub(crate) fn is_running(&self) -> bool {
+        self.running
     }
 
     /// Hands `states` to the thread; `next_generation` is the log generation being written

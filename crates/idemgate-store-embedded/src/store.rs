@@ -144,6 +144,16 @@ impl EmbeddedStore {
         }
     }
 
+    /// Makes every checkpoint fail (`true`) or work again (`false`): fault injection for tests
+    /// of a file that cannot be written while the log can. Not for production use.
+    #[doc(hidden)]
+    pub async fn fail_checkpoints_for_tests(&self, failing: bool) -> Result<(), StoreError> {
+        match self.call(OpKind::FailCheckpoints(failing)).await? {
+            Output::Pong => Ok(()),
+            o => Err(unexpected(o)),
+        }
+    }
+
     async fn call(&self, op: OpKind) -> Result<Output, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx

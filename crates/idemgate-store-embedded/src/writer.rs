@@ -25,7 +25,7 @@ use redb::Database;
 use tokio::sync::oneshot;
 
 use crate::capacity::Capacity;
-use crate::checkpoint::{self, Checkpointer};
+use crate::checkpoint::Checkpointer;
 use crate::state::{Overlay, Snapshot, Value, View};
 use crate::tables::{Stored, split_expiry_key};
 use crate::wal::Wal;
@@ -63,6 +63,8 @@ pub(crate) enum OpKind {
     Ping,
     /// Fault injection for tests: every later append to the write-ahead log fails.
     BreakLog,
+    /// Fault injection for tests: checkpoints fail while this is true.
+    FailCheckpoints(bool),
     /// Fault injection for tests: bytes written under `id` without the codec.
     RawPut {
         id: RecordId,
@@ -233,6 +235,10 @@ impl Writer {
                     Msg::Op(OpKind::Ping, reply) => {
                         let _ = reply.send(Ok(Output::Pong));
                     }
+                    Msg::Op(OpKind::FailCheckpoints(failing), reply) => {
+                        self.checkpointer.fail_for_tests(failing);
+                        let _ = reply.send(Ok(Output::Pong));
+                    }
                     Msg::Op(OpKind::BreakLog, reply) => {
                         let answer = self.wal.break_for_tests().map(|()| Output::Pong);
                         let _ = reply.send(answer.map_err(store_err));
@@ -356,6 +362,15 @@ impl Writer {
         if staged.is_empty() {
             return Ok(());
         }
+        if self.frozen.is_some()
+            && self.wal.len() >= self.config.checkpoint_log_bytes.saturating_mul(4)
+        {
+            return Err(StoreError::Unavailable(
+                "embedded store: checkpoints are failing and the write-ahead log is full; \
+                 writes are refused until a checkpoint succeeds"
+                    .into(),
+            ));
+        }
         let mut frame = Vec::new();
         for (id, state) in &staged {
             state.encode_logged(id, &mut frame);
@@ -378,9 +393,11 @@ impl Writer {
             return;
         }
         if !self.snapshot_due {
-            // Far ahead of the checkpoint, wait for it rather than let the overlay and the log
-            // grow without bound.
-            let wait = self.wal.len() >= self.config.checkpoint_log_bytes.saturating_mul(2);
+            // Far ahead of a running checkpoint, wait for it rather than let the overlay and the
+            // log grow without bound. (A failed one is not waited for: `make_durable` refuses
+            // writes past a harder bound instead, so a broken file never hangs callers.)
+            let wait = self.checkpointer.is_running()
+                && self.wal.len() >= self.config.checkpoint_log_bytes.saturating_mul(2);
             match self.checkpointer.finished(wait) {
                 None => return,
                 Some(Ok(())) => self.snapshot_due = true,
@@ -442,7 +459,7 @@ impl Writer {
         let overlay = std::mem::take(&mut self.overlay);
         if !overlay.is_empty() {
             let next = self.wal.generation() + 1;
-            match checkpoint::write(&self.db, &overlay, next, self.checkpointer.quick_repair()) {
+            match self.checkpointer.write_now(&self.db, &overlay, next) {
                 Ok(()) => {
                     self.wal.switch(next);
                     self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -654,7 +671,9 @@ fn apply(rules: &mut Rules, v: &mut View<'_>, op: &OpKind) -> Result<Applied, re
         }
         // Handled by the loop before batching; answered here only for completeness.
         OpKind::Purge => Applied::read(Ok(Output::Purged(0))),
-        OpKind::Ping | OpKind::BreakLog => Applied::read(Ok(Output::Pong)),
+        OpKind::Ping | OpKind::BreakLog | OpKind::FailCheckpoints(_) => {
+            Applied::read(Ok(Output::Pong))
+        }
         OpKind::RawPut { id, bytes } => {
             v.put_raw(id, bytes)?;
             Applied::wrote(Output::Pong, Some(*id))

@@ -521,3 +521,83 @@ async fn reads_match_a_model_through_checkpoints_and_reopens() {
         "checkpoints ran between the rounds: {checkpoints}"
     );
 }
+
+/// The file cannot be written (checkpoints fail) while the log can: writes go on, durable in
+/// the log, until the log reaches its bound; then writes are refused (never a hang, never an
+/// unbounded log) while reads keep working. Once checkpoints work again, writes do too. A
+/// close that cannot checkpoint leaves the log, and the next open replays every acknowledged
+/// write from it.
+#[tokio::test]
+async fn failing_checkpoints_bound_the_log_and_lose_nothing() {
+    const LOG_BYTES: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let open = || {
+        EmbeddedStore::builder(&path)
+            .min_free_bytes(0)
+            .checkpoint_interval(Duration::ZERO)
+            .checkpoint_log_bytes(LOG_BYTES)
+            .open()
+            .unwrap()
+    };
+    let store = open();
+    store.fail_checkpoints_for_tests(true).await.unwrap();
+    let write = |n: u64| {
+        let store = &store;
+        async move {
+            let t = Token::random();
+            store.acquire(req(id(n), 1, t)).await?;
+            let (k, o) = (id(n), outcome(n));
+            store.complete(&k, t, &o, Duration::from_secs(3600)).await
+        }
+    };
+    let mut acknowledged = Vec::new();
+    let refused = loop {
+        let n = acknowledged.len() as u64;
+        assert!(n < 1000, "the log never filled: its bound is not enforced");
+        match write(n).await {
+            Ok(Completion::Stored) => acknowledged.push(n),
+            Ok(other) => panic!("complete {n}: {other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(&refused, StoreError::Unavailable(m) if m.contains("checkpoints are failing")),
+        "{refused:?}"
+    );
+    // Each record's frame is ~150 bytes: the bound let dozens through, not thousands.
+    assert!(acknowledged.len() > 10, "{} written", acknowledged.len());
+    for &n in &acknowledged {
+        assert!(matches!(store.get(&id(n)).await.unwrap(), Some(Record::Completed(_))));
+    }
+
+    // Checkpoints work again: so do writes (the retry runs within a second).
+    store.fail_checkpoints_for_tests(false).await.unwrap();
+    let healed = Instant::now() + Duration::from_secs(10);
+    let n = acknowledged.len() as u64 + 1000;
+    loop {
+        match write(n).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < healed, "writes still refused: {e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    acknowledged.push(n);
+
+    // Broken again, then closed: the close cannot checkpoint; the reopen replays the log.
+    store.fail_checkpoints_for_tests(true).await.unwrap();
+    let last = n + 1;
+    assert_eq!(write(last).await.unwrap(), Completion::Stored);
+    acknowledged.push(last);
+    store.close().await;
+    let store = open();
+    assert!(store.open_report().replayed_batches > 0, "{:?}", store.open_report());
+    for &n in &acknowledged {
+        match store.get(&id(n)).await.unwrap() {
+            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
+            other => panic!("acknowledged record {n}: {other:?}"),
+        }
+    }
+}
