@@ -28,7 +28,9 @@
 //! most four times [`EmbeddedStoreBuilder::checkpoint_log_bytes`] (two generations, each cut
 //! off at twice that size while a checkpoint runs).
 //! If appending to the log fails, the batch is not applied and its callers get `Unavailable`
-//! (`Full` on a full disk); a failed checkpoint is retried while its records stay in the log.
+//! (`Full` on a full disk). A failed checkpoint is retried every second while its records stay
+//! in the log; should checkpoints keep failing, writes are refused (`Unavailable`) once the log
+//! reaches four times [`EmbeddedStoreBuilder::checkpoint_log_bytes`], and reads go on.
 //!
 //! Keep the file and its `-wal-*` companions together: copying or moving one without the others
 //! loses what the log holds.

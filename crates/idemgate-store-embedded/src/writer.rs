@@ -177,6 +177,9 @@ struct PurgeRun {
     cursor: Option<[u8; 40]>,
 }
 
+/// How often an idle writer looks whether the running checkpoint has finished.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(20);
+
 /// Maps any redb error to the store's typed errors: a full disk is `Full`, the rest
 /// `Unavailable`.
 pub(crate) fn store_err(e: impl Into<redb::Error>) -> StoreError {
@@ -201,7 +204,8 @@ impl Writer {
         loop {
             self.poll_checkpoint();
             // With a purge in progress, only take what is already queued, then purge a batch;
-            // otherwise sleep until an operation arrives or the next periodic purge is due.
+            // otherwise sleep until an operation arrives or there is work of its own: the next
+            // periodic purge, a checkpoint falling due, a running one to collect.
             let first = if purge.is_some() {
                 match rx.try_recv() {
                     Ok(m) => Some(m),
@@ -209,7 +213,9 @@ impl Writer {
                     Err(TryRecvError::Disconnected) => break,
                 }
             } else {
-                let wait = next_purge.saturating_duration_since(Instant::now());
+                let wait = self
+                    .next_own_work(next_purge)
+                    .saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(m) => Some(m),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -423,6 +429,19 @@ impl Writer {
                 tracing::warn!(error = %e, "embedded store: reading the file after a checkpoint failed");
             }
         }
+    }
+
+    /// When the loop has something to do without a new operation.
+    fn next_own_work(&self, next_purge: Instant) -> Instant {
+        let checkpoint = if self.frozen.is_some() {
+            // Collect the running checkpoint soon after it ends, so its memory goes.
+            Some(Instant::now() + CHECKPOINT_POLL)
+        } else if !self.overlay.is_empty() {
+            Some(self.overlay_since + self.config.checkpoint_interval)
+        } else {
+            None
+        };
+        checkpoint.map_or(next_purge, |at| at.min(next_purge))
     }
 
     /// Starts a checkpoint of the overlay when one is due and none runs.

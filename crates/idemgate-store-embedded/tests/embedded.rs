@@ -568,7 +568,10 @@ async fn failing_checkpoints_bound_the_log_and_lose_nothing() {
     // Each record's frame is ~150 bytes: the bound let dozens through, not thousands.
     assert!(acknowledged.len() > 10, "{} written", acknowledged.len());
     for &n in &acknowledged {
-        assert!(matches!(store.get(&id(n)).await.unwrap(), Some(Record::Completed(_))));
+        assert!(matches!(
+            store.get(&id(n)).await.unwrap(),
+            Some(Record::Completed(_))
+        ));
     }
 
     // Checkpoints work again: so do writes (the retry runs within a second).
@@ -593,11 +596,40 @@ async fn failing_checkpoints_bound_the_log_and_lose_nothing() {
     acknowledged.push(last);
     store.close().await;
     let store = open();
-    assert!(store.open_report().replayed_batches > 0, "{:?}", store.open_report());
+    assert!(
+        store.open_report().replayed_batches > 0,
+        "{:?}",
+        store.open_report()
+    );
     for &n in &acknowledged {
         match store.get(&id(n)).await.unwrap() {
             Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
             other => panic!("acknowledged record {n}: {other:?}"),
         }
     }
+}
+
+/// An idle store still checkpoints what it logged, at the interval: the log to replay after a
+/// crash and the records held in memory do not wait for the next request.
+#[tokio::test]
+async fn an_idle_store_checkpoints_at_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::builder(dir.path().join("s.redb"))
+        .min_free_bytes(0)
+        .checkpoint_interval(Duration::from_millis(100))
+        .open()
+        .unwrap();
+    let t = Token::random();
+    store.acquire(req(id(1), 1, t)).await.unwrap();
+    let before = store.stats().checkpoints;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().checkpoints == before {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint while idle: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.stats().operations, 1, "no operation woke the writer");
 }
