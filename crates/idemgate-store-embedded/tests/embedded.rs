@@ -28,6 +28,16 @@ fn id(n: u64) -> RecordId {
     RecordId::derive("test", b"embedded", &n.to_be_bytes())
 }
 
+/// Every record `ns` names reads back Completed with its own outcome.
+async fn assert_completed(store: &EmbeddedStore, ns: impl IntoIterator<Item = u64>) {
+    for n in ns {
+        match store.get(&id(n)).await.unwrap() {
+            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n), "record {n}"),
+            other => panic!("record {n}: {other:?}"),
+        }
+    }
+}
+
 fn outcome(n: u64) -> Outcome {
     Outcome::Response {
         head: ResponseHead {
@@ -80,12 +90,7 @@ async fn concurrent_requests_share_commits() {
         "concurrent operations must share commits: {txns} transactions for {ops} operations"
     );
     // Every one of them is really there.
-    for n in 0..N {
-        match store.get(&id(n)).await.unwrap() {
-            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
-            other => panic!("record {n}: {other:?}"),
-        }
-    }
+    assert_completed(&store, 0..N).await;
 }
 
 /// A batch is kept only once its log frame is synced: when appending to the log fails, its
@@ -125,10 +130,7 @@ async fn a_batch_the_log_cannot_take_is_refused_and_not_applied() {
         None,
         "and it left nothing"
     );
-    match store.get(&id(0)).await.unwrap() {
-        Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(0)),
-        other => panic!("the record logged before: {other:?}"),
-    }
+    assert_completed(&store, [0]).await;
     store.close().await;
 
     let store = EmbeddedStore::builder(&path)
@@ -140,10 +142,7 @@ async fn a_batch_the_log_cannot_take_is_refused_and_not_applied() {
         0,
         "the close checkpointed"
     );
-    assert!(matches!(
-        store.get(&id(0)).await.unwrap(),
-        Some(Record::Completed(_))
-    ));
+    assert_completed(&store, [0]).await;
     assert_eq!(store.get(&id(1)).await.unwrap(), None);
 }
 
@@ -173,10 +172,7 @@ async fn operations_on_one_record_apply_in_arrival_order() {
             Release::Refused,
             "release after complete is refused"
         );
-        match store.get(&id(n)).await.unwrap() {
-            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
-            other => panic!("record {n}: {other:?}"),
-        }
+        assert_completed(&store, [n]).await;
     }
 }
 
@@ -567,12 +563,7 @@ async fn failing_checkpoints_bound_the_log_and_lose_nothing() {
     );
     // Each record's frame is ~150 bytes: the bound let dozens through, not thousands.
     assert!(acknowledged.len() > 10, "{} written", acknowledged.len());
-    for &n in &acknowledged {
-        assert!(matches!(
-            store.get(&id(n)).await.unwrap(),
-            Some(Record::Completed(_))
-        ));
-    }
+    assert_completed(&store, acknowledged.iter().copied()).await;
 
     // Checkpoints work again: so do writes (the retry runs within a second).
     store.fail_checkpoints_for_tests(false).await.unwrap();
@@ -601,12 +592,7 @@ async fn failing_checkpoints_bound_the_log_and_lose_nothing() {
         "{:?}",
         store.open_report()
     );
-    for &n in &acknowledged {
-        match store.get(&id(n)).await.unwrap() {
-            Some(Record::Completed(c)) => assert_eq!(c.outcome, outcome(n)),
-            other => panic!("acknowledged record {n}: {other:?}"),
-        }
-    }
+    assert_completed(&store, acknowledged).await;
 }
 
 /// An idle store still checkpoints what it logged, at the interval: the log to replay after a
