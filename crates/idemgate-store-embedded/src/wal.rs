@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: [u8; 4] = *b"IGWL";
 /// magic, generation, payload length, CRC-32.
 const HEADER_LEN: usize = 4 + 8 + 4 + 4;
-/// A frame claiming a larger payload is damage, not a batch (a batch of the default 1024
-/// operations with records at the stored-response limit stays far below).
+/// The largest frame payload written. A batch whose records would take more (1024 operations
+/// each storing a response near the 1 MiB default limit) is refused rather than half-logged.
 const MAX_PAYLOAD: usize = 1 << 30;
 
 /// The two log files of the database at `db`: its name with `-wal-0` and `-wal-1` appended.
