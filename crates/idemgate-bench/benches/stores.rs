@@ -324,12 +324,12 @@ async fn bench_backend(backend: &Backend, cfg: &Config, rows: &mut Vec<Row>) {
             .await
         };
         let extra = match (before, counters()) {
-            (Some(b), Some(a)) if a.transactions > b.transactions => format!(
-                "{:.1} ops/commit, {:.0} commits/s",
-                (a.operations - b.operations) as f64 / (a.transactions - b.transactions) as f64,
-                (a.transactions - b.transactions) as f64 / t.elapsed().as_secs_f64()
+            (Some(b), Some(a)) if a.log_syncs > b.log_syncs => format!(
+                "{:.1} ops/sync, {:.0} syncs/s",
+                (a.operations - b.operations) as f64 / (a.log_syncs - b.log_syncs) as f64,
+                (a.log_syncs - b.log_syncs) as f64 / t.elapsed().as_secs_f64()
             ),
-            (Some(b), Some(a)) => format!("{} commits", a.transactions - b.transactions),
+            (Some(b), Some(a)) => format!("{} syncs", a.log_syncs - b.log_syncs),
             _ => String::new(),
         };
         eprintln!(

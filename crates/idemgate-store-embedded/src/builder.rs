@@ -322,6 +322,14 @@ impl EmbeddedStoreBuilder {
                     path: wal_paths[0].clone(),
                     detail: format!("reading the write-ahead log: {e}"),
                 })?;
+                if !log.frames.is_empty() {
+                    tracing::info!(
+                        generation,
+                        frames = log.frames.len(),
+                        bytes = log.bytes,
+                        "embedded store: replaying the write-ahead log"
+                    );
+                }
                 if let Some(why) = &log.damaged_tail {
                     // Expected after a crash mid-append (that batch was never answered);
                     // anything else is damage the log cannot undo.

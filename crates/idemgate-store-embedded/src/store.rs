@@ -36,7 +36,7 @@ pub struct EmbeddedStore {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbeddedStats {
     /// Batches made durable, each by one synced frame of the write-ahead log.
-    pub transactions: u64,
+    pub log_syncs: u64,
     /// Operations applied (including reads and refusals).
     pub operations: u64,
     /// Batches the writer took from its queue.
@@ -98,11 +98,11 @@ impl EmbeddedStore {
         &self.report
     }
 
-    /// The writer's counters. `transactions` far below `operations` under concurrency is group
+    /// The writer's counters. `log_syncs` far below `operations` under concurrency is group
     /// commit at work.
     pub fn stats(&self) -> EmbeddedStats {
         EmbeddedStats {
-            transactions: self.counters.transactions.load(Ordering::Relaxed),
+            log_syncs: self.counters.log_syncs.load(Ordering::Relaxed),
             operations: self.counters.operations.load(Ordering::Relaxed),
             batches: self.counters.batches.load(Ordering::Relaxed),
             purged: self.counters.purged.load(Ordering::Relaxed),

@@ -98,7 +98,7 @@ pub(crate) enum Msg {
 /// Counters shared with [`EmbeddedStore::stats`](crate::EmbeddedStore::stats).
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub(crate) transactions: AtomicU64,
+    pub(crate) log_syncs: AtomicU64,
     pub(crate) operations: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) purged: AtomicU64,
@@ -385,7 +385,7 @@ impl Writer {
             tracing::error!(error = %e, "embedded store: appending to the write-ahead log failed; the batch is not applied");
             return Err(store_err(e));
         }
-        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+        self.counters.log_syncs.fetch_add(1, Ordering::Relaxed);
         if self.overlay.is_empty() {
             self.overlay_since = Instant::now();
         }

@@ -79,15 +79,15 @@ async fn concurrent_requests_share_commits() {
     }
     let after = store.stats();
     let ops = after.operations - before.operations;
-    let txns = after.transactions - before.transactions;
+    let syncs = after.log_syncs - before.log_syncs;
     println!(
-        "group commit: {ops} operations in {txns} write transactions ({} batches)",
+        "group commit: {ops} operations in {syncs} log syncs ({} batches)",
         after.batches - before.batches
     );
     assert_eq!(ops, 2 * N, "every operation was applied once");
     assert!(
-        txns * 4 <= ops,
-        "concurrent operations must share commits: {txns} transactions for {ops} operations"
+        syncs * 4 <= ops,
+        "concurrent operations must share syncs: {syncs} log syncs for {ops} operations"
     );
     // Every one of them is really there.
     assert_completed(&store, 0..N).await;
