@@ -265,6 +265,8 @@ impl Writer {
                     }
                 }
                 self.close();
+                // The database (and its file lock) goes before the caller hears "closed".
+                drop(self);
                 let _ = done.send(());
                 return;
             }
