@@ -13,7 +13,7 @@ use std::sync::Arc;
 use idemgate::record::{Record, RecordId};
 use redb::{Database, ReadOnlyTable, ReadableDatabase};
 
-use crate::tables::{EXPIRY, INFLIGHT, LAPSED, RECORDS, Stored, expiry_key, read_record};
+use crate::tables::{EXPIRY, INFLIGHT, LAPSED, RECORDS, Stored, decode, expiry_key, read_record};
 use crate::wal::LoggedState;
 
 /// What a record holds.
@@ -77,10 +77,7 @@ impl State {
         match &self.value {
             None => Stored::Absent,
             Some(Value::Record(r)) => Stored::Record(r.clone()),
-            Some(Value::Raw(bytes)) => match Record::decode(bytes) {
-                Ok(r) => Stored::Record(r),
-                Err(e) => Stored::Unreadable(e.0),
-            },
+            Some(Value::Raw(bytes)) => decode(bytes),
         }
     }
 }

@@ -107,7 +107,8 @@ pub(crate) fn read_record(
     })
 }
 
-fn decode(bytes: &[u8]) -> Stored {
+/// The stored form of a record's bytes: the record, or why they are unreadable.
+pub(crate) fn decode(bytes: &[u8]) -> Stored {
     match Record::decode(bytes) {
         Ok(r) => Stored::Record(r),
         Err(e) => Stored::Unreadable(e.0),
@@ -164,45 +165,36 @@ impl<'txn> WriteTables<'txn> {
         id: &RecordId,
         state: &State,
     ) -> Result<(), redb::StorageError> {
-        if state.new_to_file {
-            return self.insert_new(id, state);
+        if !state.new_to_file {
+            self.clear_for(id, state)?;
         }
+        self.insert_new(id, state)
+    }
+
+    /// Removes whatever of `id` the file holds that writing `state` would not overwrite: the
+    /// old Completed record's expiry entry, the record in the table `state` does not go to,
+    /// and a lapsed mark `state` does not carry.
+    fn clear_for(&mut self, id: &RecordId, state: &State) -> Result<(), redb::StorageError> {
         if let Stored::Record(Record::Completed(c)) =
             read_record(&self.records, &self.inflight, id)?
         {
             self.expiry.remove(&expiry_key(c.expires_at, id))?;
         }
-        match &state.value {
-            None => {
-                self.records.remove(&id.0)?;
-                self.inflight.remove(&id.0)?;
-            }
-            Some(Value::Record(r @ Record::InFlight(_))) => {
-                self.inflight.insert(&id.0, r.encode().as_slice())?;
-                self.records.remove(&id.0)?;
-            }
-            Some(Value::Record(r @ Record::Completed(c))) => {
-                self.records.insert(&id.0, r.encode().as_slice())?;
-                self.expiry.insert(&expiry_key(c.expires_at, id), ())?;
-                self.inflight.remove(&id.0)?;
-            }
-            Some(Value::Raw(bytes)) => {
-                self.records.insert(&id.0, &bytes[..])?;
-                self.inflight.remove(&id.0)?;
-            }
+        let to_inflight = matches!(state.value, Some(Value::Record(Record::InFlight(_))));
+        if state.value.is_none() || to_inflight {
+            self.records.remove(&id.0)?;
         }
-        match state.lapsed {
-            Some(epoch) => {
-                self.lapsed.insert(&id.0, epoch)?;
-            }
-            None => {
-                self.lapsed.remove(&id.0)?;
-            }
+        if !to_inflight {
+            self.inflight.remove(&id.0)?;
+        }
+        if state.lapsed.is_none() {
+            self.lapsed.remove(&id.0)?;
         }
         Ok(())
     }
 
-    /// [`set_state`](Self::set_state) for a record the file holds nothing of.
+    /// Writes `state` as if the file held nothing of `id` (what [`set_state`](Self::set_state)
+    /// does once the old version is cleared away).
     fn insert_new(&mut self, id: &RecordId, state: &State) -> Result<(), redb::StorageError> {
         match &state.value {
             None => {}

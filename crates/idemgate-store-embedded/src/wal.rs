@@ -169,24 +169,28 @@ impl Wal {
         self.len
     }
 
-    /// Appends one frame holding `payload` to this generation's file and syncs it. Only after
-    /// this returns `Ok` is the batch durable. On error nothing counts as written: the next
-    /// frame goes to the same place.
-    pub(crate) fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+    /// Appends one frame, whose payload `write_payload` writes, to this generation's file and
+    /// syncs it. Only after this returns `Ok` is the batch durable. On error nothing counts as
+    /// written: the next frame goes to the same place. The payload is encoded straight into the
+    /// frame buffer behind room left for the header, so a batch is not copied on its way out.
+    pub(crate) fn append_with(
+        &mut self,
+        write_payload: impl FnOnce(&mut Vec<u8>),
+    ) -> io::Result<()> {
+        self.frame.clear();
+        self.frame.resize(HEADER_LEN, 0);
+        write_payload(&mut self.frame);
+        let (header, payload) = self.frame.split_at_mut(HEADER_LEN);
         if payload.len() > MAX_PAYLOAD {
             return Err(io::Error::other(format!(
                 "a batch of {} bytes is larger than a log frame may be",
                 payload.len()
             )));
         }
-        self.frame.clear();
-        self.frame.extend_from_slice(&MAGIC);
-        self.frame.extend_from_slice(&self.generation.to_le_bytes());
-        self.frame
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.frame
-            .extend_from_slice(&checksum(self.generation, payload).to_le_bytes());
-        self.frame.extend_from_slice(payload);
+        header[..4].copy_from_slice(&MAGIC);
+        header[4..12].copy_from_slice(&self.generation.to_le_bytes());
+        header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[16..].copy_from_slice(&checksum(self.generation, payload).to_le_bytes());
         let file = &self.files[file_index(self.generation)];
         file.write_all_at(&self.frame, self.len)?;
         file.sync_data()?;
@@ -196,6 +200,12 @@ impl Wal {
             self.frame = Vec::new();
         }
         Ok(())
+    }
+
+    /// [`append_with`](Self::append_with) for a payload already encoded (tests).
+    #[cfg(test)]
+    pub(crate) fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.append_with(|frame| frame.extend_from_slice(payload))
     }
 
     /// Moves on to `generation` (the next one), written from the start of its file. The caller

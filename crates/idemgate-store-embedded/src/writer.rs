@@ -379,11 +379,12 @@ impl Writer {
                     .into(),
             ));
         }
-        let mut frame = Vec::new();
-        for (id, state) in &staged {
-            state.encode_logged(id, &mut frame);
-        }
-        if let Err(e) = self.wal.append(&frame) {
+        let logged = self.wal.append_with(|frame| {
+            for (id, state) in &staged {
+                state.encode_logged(id, frame);
+            }
+        });
+        if let Err(e) = logged {
             tracing::error!(error = %e, "embedded store: appending to the write-ahead log failed; the batch is not applied");
             return Err(store_err(e));
         }
