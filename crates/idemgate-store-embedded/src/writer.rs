@@ -675,13 +675,14 @@ fn apply(rules: &mut Rules, v: &mut View<'_>, op: &OpKind) -> Result<Applied, re
                     match resolution {
                         Resolution::Release => v.remove(id),
                         Resolution::Respond { outcome, ttl } => {
-                            // The origin token stays: should the original attempt still
-                            // complete, its real outcome beats the operator's settlement.
+                            // The operator's answer is final (retries may already have
+                            // it): a fresh origin fences out the lapsed holder's late
+                            // `complete`, which would otherwise replace it.
                             let new = Record::Completed(Completed {
                                 fingerprint: c.fingerprint,
                                 outcome: outcome.clone(),
                                 expires_at: now.after(*ttl),
-                                origin_token: c.origin_token,
+                                origin_token: Token::random(),
                             });
                             v.put(id, new);
                         }

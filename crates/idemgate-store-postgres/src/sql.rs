@@ -289,9 +289,11 @@ impl Statements {
              FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.id = $1"
         );
         // resolve: $1 id, $2 channel, $3 hex id, $4 outcome bytes, $5 outcome is outcome-unknown,
-        // $6 ttl ms.
+        // $6 ttl ms, $7 a fresh origin token: the operator's answer is final, so the lapsed
+        // holder's late `complete` (which matches on origin_token) is fenced.
         let resolve_respond = format!(
-            "WITH up AS (UPDATE {t} AS r SET outcome = $4, outcome_unknown = $5, expires_at = {exp} \
+            "WITH up AS (UPDATE {t} AS r SET outcome = $4, outcome_unknown = $5, expires_at = {exp}, \
+                           origin_token = $7 \
                          WHERE r.id = $1 AND r.state = 2 AND r.outcome_unknown AND {ok_r} \
                          RETURNING 1), \
              n AS (SELECT pg_notify($2, $3) FROM up) \

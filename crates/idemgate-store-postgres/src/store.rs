@@ -951,6 +951,7 @@ impl Store for PostgresStore {
             }
             Resolution::Respond { outcome, ttl } => {
                 let bytes = outcome.encode();
+                let origin = Token::random();
                 s.change(
                     || {
                         Inner::q(&s.sql.resolve_respond)
@@ -960,6 +961,7 @@ impl Store for PostgresStore {
                             .bind(&bytes[..])
                             .bind(outcome.is_outcome_unknown())
                             .bind(ms_i64(*ttl))
+                            .bind(&origin.0[..])
                     },
                     decide,
                 )

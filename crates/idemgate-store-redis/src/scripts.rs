@@ -183,10 +183,12 @@ publish('d')
 return {'D'}
 "#;
 
-/// ARGV[5..]: mode (`release`/`respond`), outcome bytes, ttl ms, outcome-unknown flag.
+/// ARGV[5..]: mode (`release`/`respond`), outcome bytes, ttl ms, outcome-unknown flag, the
+/// operator's fresh origin token (its answer is final: the lapsed holder's late `complete` is
+/// fenced).
 /// Answers `{'N'}`, `{'U'}` (not an outcome-unknown placeholder), `{'OK'}`, `{'E', reason}`.
 const RESOLVE: &str = r#"
-local mode, o, ttl, u = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local mode, o, ttl, u, origin = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local r, err = load()
 if err then return {'E', err} end
 if not r then return {'N'} end
@@ -194,7 +196,7 @@ if r.s ~= 'c' or r.u ~= '1' then return {'U'} end
 if mode == 'release' then
   redis.call('DEL', key)
 else
-  write_completed(r.fp, r.tok, o, now_ms() + ttl, u, ttl)
+  write_completed(r.fp, origin, o, now_ms() + ttl, u, ttl)
 end
 publish('s')
 return {'OK'}

@@ -577,12 +577,14 @@ impl Store for RedisStore {
                 Vec::new(),
                 ms(Duration::ZERO),
                 flag(false),
+                Vec::new(),
             ],
             Resolution::Respond { outcome, ttl } => vec![
                 b"respond".to_vec(),
                 outcome.encode(),
                 ms(*ttl),
                 flag(outcome.is_outcome_unknown()),
+                Token::random().0.to_vec(),
             ],
         };
         let (p, acks) = self

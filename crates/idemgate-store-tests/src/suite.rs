@@ -940,7 +940,9 @@ pub async fn delete_needs_force_for_in_flight<H: Harness>(h: &H) {
 }
 
 /// `resolve` on a placeholder: `Release` deletes it (the next retry executes); `Respond` replaces
-/// it with the operator's outcome.
+/// it with the operator's outcome, which is final: the lapsed holder's late `complete` is fenced
+/// (it no longer meets a placeholder of its own, SPEC §4), so retries that already got the
+/// operator's answer never see another.
 pub async fn resolve_release_and_respond<H: Harness>(h: &H) {
     let s = h.fresh().await;
     let (x, y, a, b) = (new_id(), new_id(), Token::random(), Token::random());
@@ -985,6 +987,43 @@ pub async fn resolve_release_and_respond<H: Harness>(h: &H) {
         "other fingerprint after resolve",
     )
     .await;
+
+    let late = Outcome::Response {
+        head: ResponseHead {
+            status: 201,
+            headers: vec![("x-late".into(), Bytes::from_static(b"1"))],
+        },
+        body: Bytes::from_static(b"late"),
+    };
+    let r = ok(
+        s.complete(&y, b, &late, TTL).await,
+        "late complete after resolve",
+    );
+    assert_eq!(
+        r,
+        Completion::Refused,
+        "the lapsed holder's late complete is fenced by the operator's answer"
+    );
+    let c = replayed(
+        &s,
+        req(y, fp(2), Token::random()),
+        "retry after late complete",
+    )
+    .await;
+    assert_eq!(
+        c.outcome,
+        sample_outcome(),
+        "retries still get the operator's outcome"
+    );
+    let r = ok(
+        s.complete(&x, a, &late, TTL).await,
+        "late complete after release",
+    );
+    assert_eq!(
+        r,
+        Completion::Refused,
+        "after a release the retry owns the key: the lapsed holder is fenced"
+    );
 }
 
 /// `resolve` applies only to outcome-unknown placeholders: absent → `NotFound`; in flight or a

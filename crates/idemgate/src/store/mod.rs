@@ -132,7 +132,9 @@ pub enum Deletion {
 pub enum Resolution {
     /// Delete it, so the next retry executes.
     Release,
-    /// Replace it with this outcome, kept for `ttl`.
+    /// Replace it with this outcome, kept for `ttl`. The operator's answer is final: it gets
+    /// a fresh `origin_token`, so the lapsed attempt's late `complete` is refused (fenced)
+    /// instead of replacing an answer retries may already have had.
     Respond {
         /// The outcome retries will get.
         outcome: Outcome,
