@@ -25,7 +25,13 @@
 //! Replaying is idempotent: a logged state replaces whatever the file holds for its record.
 //!
 //! Overwriting a file in place rather than truncating it means that, once it has grown to its
-//! working size, `fdatasync` flushes data blocks only (no file-size change to journal).
+//! working size, `fdatasync` flushes data blocks only (no file-size change to journal). A file
+//! also grows ahead of its frames: a frame that would end past the file's end is written
+//! together with zeros up to [`GROW_STEP`] beyond it, in the same write and sync, so the frames
+//! after it land inside the file. On this machine's ext4 disk an appending `fdatasync` of a
+//! 16 KiB frame took ~295 µs and an in-place one ~126 µs (`dd oflag=dsync`, with and without
+//! `conv=notrunc`), while growing by 256 KiB in one synced write took ~0.8 ms: the same reason
+//! PostgreSQL zero-fills its WAL segments. Zeros end a log like any non-frame bytes do.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -36,6 +42,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: [u8; 4] = *b"IGWL";
 /// magic, generation, payload length, CRC-32.
 const HEADER_LEN: usize = 4 + 8 + 4 + 4;
+/// How far past a frame's end a file is grown when the frame would end past it.
+const GROW_STEP: u64 = 256 << 10;
 /// The largest frame payload written. A batch whose records would take more (1024 operations
 /// each storing a response near the 1 MiB default limit) is refused rather than half-logged.
 const MAX_PAYLOAD: usize = 1 << 30;
@@ -134,6 +142,8 @@ pub(crate) struct Wal {
     generation: u64,
     /// Bytes of this generation's frames, i.e. where the next frame goes in its file.
     len: u64,
+    /// Each file's size as far as this log knows (what it found at open, or grew it to).
+    sizes: [u64; 2],
     frame: Vec<u8>,
 }
 
@@ -150,11 +160,14 @@ impl Wal {
                 .truncate(false)
                 .open(path)
         };
+        let files = [open(&paths[0])?, open(&paths[1])?];
+        let sizes = [files[0].metadata()?.len(), files[1].metadata()?.len()];
         Ok(Wal {
-            files: [open(&paths[0])?, open(&paths[1])?],
+            files,
             paths: paths.clone(),
             generation,
             len: 0,
+            sizes,
             frame: Vec::new(),
         })
     }
@@ -191,10 +204,20 @@ impl Wal {
         header[4..12].copy_from_slice(&self.generation.to_le_bytes());
         header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         header[16..].copy_from_slice(&checksum(self.generation, payload).to_le_bytes());
-        let file = &self.files[file_index(self.generation)];
+        let index = file_index(self.generation);
+        let frame_len = self.frame.len();
+        let end = self.len + frame_len as u64;
+        let grown_to = (end > self.sizes[index]).then(|| end + GROW_STEP);
+        if grown_to.is_some() {
+            self.frame.resize(frame_len + GROW_STEP as usize, 0);
+        }
+        let file = &self.files[index];
         file.write_all_at(&self.frame, self.len)?;
         file.sync_data()?;
-        self.len += self.frame.len() as u64;
+        self.len = end;
+        if let Some(size) = grown_to {
+            self.sizes[index] = size;
+        }
         // A rare huge batch should not keep its buffer for the life of the store.
         if self.frame.capacity() > 4 << 20 {
             self.frame = Vec::new();
@@ -377,6 +400,46 @@ mod tests {
     }
 
     #[test]
+    fn a_file_grows_ahead_of_its_frames_so_most_syncs_are_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths(dir.path());
+        let size = |i: usize| std::fs::metadata(&paths[i]).unwrap().len();
+        let mut wal = Wal::open(&paths, 0).unwrap();
+        wal.append(&[1; 100]).unwrap();
+        let first = wal.len();
+        assert_eq!(size(0), first + GROW_STEP, "grown past the first frame");
+        let small = [2; 1000];
+        while wal.len() + (HEADER_LEN + small.len()) as u64 <= size(0) {
+            wal.append(&small).unwrap();
+            assert_eq!(
+                size(0),
+                first + GROW_STEP,
+                "frames inside the file keep its size"
+            );
+        }
+        wal.append(&small).unwrap();
+        assert_eq!(
+            size(0),
+            wal.len() + GROW_STEP,
+            "the frame that passes the end grows it"
+        );
+        let log = read_log(&paths, 0).unwrap();
+        assert_eq!(log.bytes, wal.len());
+        assert_eq!(
+            log.damaged_tail, None,
+            "the zeros beyond the frames end the log"
+        );
+
+        // A log opened on grown files knows their sizes: no growth while frames fit.
+        drop(wal);
+        let before = size(0);
+        let mut wal = Wal::open(&paths, 2).unwrap();
+        wal.append(&small).unwrap();
+        assert_eq!(size(0), before);
+        assert_eq!(read_log(&paths, 2).unwrap().frames, vec![small.to_vec()]);
+    }
+
+    #[test]
     fn generations_alternate_files_and_never_replay_an_older_ones_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let paths = paths(dir.path());
@@ -415,7 +478,8 @@ mod tests {
         let kept = wal.len();
         wal.append(&[7; 64]).unwrap();
         let path = &paths[0];
-        let full = std::fs::read(path).unwrap();
+        // The frames, without the zeros the file grew ahead by.
+        let full = std::fs::read(path).unwrap()[..wal.len() as usize].to_vec();
 
         // Torn: the last frame's payload only partly reached the disk.
         std::fs::write(path, &full[..full.len() - 10]).unwrap();
