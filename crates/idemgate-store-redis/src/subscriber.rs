@@ -133,23 +133,26 @@ impl Subscriber {
     }
 
     /// Subscribes again to every awaited channel, then wakes every waiter. Retries with backoff
-    /// until it succeeds or the store is gone.
-    async fn resync(self: Arc<Self>) {
-        let Some(conn) = self.conn.get() else { return };
+    /// until it succeeds or the store is gone: it holds the subscriber only during an attempt,
+    /// so a store dropped while Redis is down does not leave it retrying forever.
+    async fn resync(sub: Weak<Self>) {
         let mut delay = Duration::from_millis(50);
         loop {
-            let mut subscribed = self.subscribed.lock().await;
+            let Some(this) = sub.upgrade() else { return };
+            let Some(conn) = this.conn.get() else { return };
+            let mut subscribed = this.subscribed.lock().await;
             subscribed.clear();
-            let awaited = self.hub.awaited();
-            let channels: Vec<String> = awaited.iter().map(|id| (self.channel)(id)).collect();
-            let done = tokio::time::timeout(self.timeout, conn.subscribe(&channels)).await;
+            let awaited = this.hub.awaited();
+            let channels: Vec<String> = awaited.iter().map(|id| (this.channel)(id)).collect();
+            let done = tokio::time::timeout(this.timeout, conn.subscribe(&channels)).await;
             if let Ok(Ok(())) = done {
                 subscribed.extend(awaited);
                 drop(subscribed);
-                self.hub.notify_all();
+                this.hub.notify_all();
                 return;
             }
             drop(subscribed);
+            drop(this);
             tracing::debug!("redis pub/sub resubscribe failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -169,7 +172,7 @@ async fn pushes(sub: Weak<Subscriber>, mut rx: mpsc::UnboundedReceiver<PushInfo>
             }
             PushKind::Disconnection => {
                 tracing::info!("redis pub/sub connection lost; resubscribing");
-                tokio::spawn(sub.resync());
+                tokio::spawn(Subscriber::resync(Arc::downgrade(&sub)));
             }
             _ => {}
         }

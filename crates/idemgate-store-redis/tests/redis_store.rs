@@ -826,6 +826,37 @@ async fn the_first_watch_after_a_restart_subscribes() {
     );
 }
 
+/// A store dropped while Redis is down leaves no task behind, even while a waiter it handed out
+/// is still held: before, the subscriber's resync task held the subscriber and retried for as
+/// long as Redis stayed down.
+#[tokio::test]
+async fn a_store_dropped_during_an_outage_leaves_no_task_behind() {
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let before = runtime.num_alive_tasks();
+    let mut srv = RedisServer::builder().durable().start();
+    let store = RedisStore::builder(srv.url())
+        .timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let w = store.watch(&id(83), 10).await.unwrap().expect("a watch");
+    srv.kill();
+    // Let the subscriber see the disconnection and start resyncing against the dead port.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(store);
+    // The sweep task notices at its next tick (5 s); an attempt under way ends at its timeout.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while runtime.num_alive_tasks() > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks still alive for a dropped store",
+            runtime.num_alive_tasks() - before
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(w);
+}
+
 #[tokio::test]
 async fn rediss_uses_rustls_and_fails_cleanly_on_a_plain_server() {
     // The TLS handshake against a plain-text server fails: an error, not a panic about a missing
