@@ -35,11 +35,23 @@ pub struct RecordId(pub [u8; 32]);
 
 impl RecordId {
     /// `SHA-256("idemgate/v1" ‖ scope_kind ‖ 0x00 ‖ u32be(len scope) ‖ scope ‖ u32be(len key) ‖ key)`.
+    ///
+    /// The kind ends at its NUL, so a kind that itself contains a NUL (only a custom resolver can
+    /// make one) would let two kind/scope splits collide; such a kind is written
+    /// length-prefixed instead, behind `0x00 0xff`: `"idemgate/v1" ‖ 0x00 ‖ 0xff ‖ u32be(len kind) ‖
+    /// kind ‖ …`. That cannot meet the usual form (it would need an empty kind and a scope of at
+    /// least 0xff000000 bytes), and every id of a NUL-free kind stays what it was.
     pub fn derive(scope_kind: &str, scope: &[u8], key: &[u8]) -> Self {
         let mut h = Sha256::new();
         h.update(b"idemgate/v1");
-        h.update(scope_kind.as_bytes());
-        h.update([0u8]);
+        if scope_kind.as_bytes().contains(&0) {
+            h.update([0u8, 0xff]);
+            h.update(len_u32(scope_kind.len()).to_be_bytes());
+            h.update(scope_kind.as_bytes());
+        } else {
+            h.update(scope_kind.as_bytes());
+            h.update([0u8]);
+        }
         h.update(len_u32(scope.len()).to_be_bytes());
         h.update(scope);
         h.update(len_u32(key.len()).to_be_bytes());
@@ -610,6 +622,22 @@ mod tests {
         assert_ne!(
             RecordId::derive("authorization", b"s", b"k"),
             RecordId::derive("header:authorization", b"s", b"k")
+        );
+        // A NUL in the kind cannot move bytes between kind and scope: with the kind only
+        // NUL-terminated, both of these hashed the same input.
+        assert_ne!(
+            RecordId::derive("k", b"x\0\0\0\0\0", b"key"),
+            RecordId::derive("k\0\0\0\0\u{6}x", b"", b"key"),
+        );
+        assert_ne!(
+            RecordId::derive("a\0b", b"s", b"k"),
+            RecordId::derive("a\0", b"s", b"k"),
+        );
+        // Ids of NUL-free kinds are what they always were (stored records stay findable):
+        // SHA-256 of the documented input, computed outside this crate.
+        assert_eq!(
+            RecordId::derive("authorization", b"Bearer t", b"order-1").to_hex(),
+            "febb16676ae94d9c6ddaf8cc6c1eba9d1035ff9c5bc5356905ed23a83775f395"
         );
     }
 }
