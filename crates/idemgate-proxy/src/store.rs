@@ -54,7 +54,9 @@ async fn open_file(path: &std::path::Path) -> Result<Arc<dyn Store>, String> {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
-    let builder = idemgate_store_embedded::EmbeddedStore::builder(path.to_owned());
+    // Every store call in the proxy is awaited by a task of its worker's runtime.
+    let builder =
+        idemgate_store_embedded::EmbeddedStore::builder(path.to_owned()).batched_wakeups(true);
     let store = tokio::task::spawn_blocking(move || builder.open())
         .await
         .map_err(|e| format!("opening the embedded store failed: {e}"))?

@@ -86,6 +86,7 @@ pub struct EmbeddedStoreBuilder {
     cache_bytes: usize,
     quick_repair: bool,
     checkpoint_interval: Duration,
+    batched_wakeups: bool,
     checkpoint_log_bytes: u64,
 }
 
@@ -106,6 +107,7 @@ impl EmbeddedStoreBuilder {
             cache_bytes: 64 * 1024 * 1024,
             quick_repair: true,
             checkpoint_interval: Duration::from_secs(1),
+            batched_wakeups: false,
             checkpoint_log_bytes: 16 * 1024 * 1024,
         }
     }
@@ -172,6 +174,18 @@ impl EmbeddedStoreBuilder {
     /// replay after a crash.
     pub fn checkpoint_interval(mut self, d: Duration) -> Self {
         self.checkpoint_interval = d;
+        self
+    }
+
+    /// Answers callers on a current-thread tokio runtime with one wake-up of that runtime per
+    /// batch instead of one per operation (default off). Each such runtime gets a small task
+    /// that hands the answers to its callers. Turn it on only when every call is awaited by a
+    /// task of its runtime: a call awaited by another executor nested inside a runtime thread
+    /// (`futures::executor::block_on` within a tokio task) would wait for that task, which its
+    /// own thread blocks, for ever. `idemgate serve` turns it on (measured there: ~5 % more
+    /// fresh requests per second, ~5 % less CPU per request).
+    pub fn batched_wakeups(mut self, on: bool) -> Self {
+        self.batched_wakeups = on;
         self
     }
 
@@ -276,8 +290,15 @@ impl EmbeddedStoreBuilder {
             overlay_since: Instant::now(),
             snapshot_due: false,
         };
-        EmbeddedStore::start(writer, hub, counters, report, path.clone())
-            .map_err(|e| io(format!("starting the writer thread: {e}")))
+        EmbeddedStore::start(
+            writer,
+            hub,
+            counters,
+            report,
+            path.clone(),
+            self.batched_wakeups,
+        )
+        .map_err(|e| io(format!("starting the writer thread: {e}")))
     }
 
     /// In one durable transaction: checks the table layout (creating the tables of a new file),

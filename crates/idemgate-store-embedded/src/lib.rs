@@ -85,6 +85,7 @@
 mod builder;
 mod capacity;
 mod checkpoint;
+mod reply;
 mod state;
 mod store;
 mod tables;

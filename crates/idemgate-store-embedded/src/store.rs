@@ -16,6 +16,7 @@ use idemgate::store::{
 use tokio::sync::oneshot;
 
 use crate::builder::{EmbeddedStoreBuilder, OpenError, OpenReport};
+use crate::reply::Reply;
 use crate::writer::{Counters, Msg, OpKind, Output, Writer};
 
 /// The embedded durable store (see the [crate docs](crate)). One per process and file.
@@ -30,6 +31,8 @@ pub struct EmbeddedStore {
     counters: Arc<Counters>,
     report: OpenReport,
     path: PathBuf,
+    /// See [`EmbeddedStoreBuilder::batched_wakeups`].
+    batched_wakeups: bool,
 }
 
 /// Counters of the writer, to observe group commit.
@@ -73,6 +76,7 @@ impl EmbeddedStore {
         counters: Arc<Counters>,
         report: OpenReport,
         path: PathBuf,
+        batched_wakeups: bool,
     ) -> std::io::Result<EmbeddedStore> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -85,6 +89,7 @@ impl EmbeddedStore {
             counters,
             report,
             path,
+            batched_wakeups,
         })
     }
 
@@ -155,7 +160,7 @@ impl EmbeddedStore {
     }
 
     async fn call(&self, op: OpKind) -> Result<Output, StoreError> {
-        let (reply, answer) = oneshot::channel();
+        let (reply, answer) = Reply::channel(self.batched_wakeups);
         self.tx
             .send(Msg::Op(op, reply))
             .map_err(|_| StoreError::Unavailable("embedded store is closed".into()))?;

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::capacity::Capacity;
 use crate::checkpoint::Checkpointer;
+use crate::reply::{Delivery, Reply};
 use crate::state::{Overlay, Snapshot, Value, View};
 use crate::tables::{Stored, split_expiry_key};
 use crate::wal::Wal;
@@ -85,8 +86,6 @@ pub(crate) enum Output {
     Purged(u64),
     Pong,
 }
-
-pub(crate) type Reply = oneshot::Sender<Result<Output, StoreError>>;
 
 /// What callers send to the writer.
 pub(crate) enum Msg {
@@ -239,15 +238,15 @@ impl Writer {
                             .push((reply, 0));
                     }
                     Msg::Op(OpKind::Ping, reply) => {
-                        let _ = reply.send(Ok(Output::Pong));
+                        reply.send(Ok(Output::Pong));
                     }
                     Msg::Op(OpKind::FailCheckpoints(failing), reply) => {
                         self.checkpointer.fail_for_tests(failing);
-                        let _ = reply.send(Ok(Output::Pong));
+                        reply.send(Ok(Output::Pong));
                     }
                     Msg::Op(OpKind::BreakLog, reply) => {
                         let answer = self.wal.break_for_tests().map(|()| Output::Pong);
-                        let _ = reply.send(answer.map_err(store_err));
+                        reply.send(answer.map_err(store_err));
                     }
                     Msg::Op(op, reply) => batch.push((op, reply)),
                 }
@@ -261,7 +260,7 @@ impl Writer {
             if let Some(done) = close {
                 if let Some(run) = purge.take() {
                     for (reply, _) in run.waiters {
-                        let _ = reply.send(Err(closed()));
+                        reply.send(Err(closed()));
                     }
                 }
                 self.close();
@@ -283,7 +282,7 @@ impl Writer {
                         }
                         if !more && let Some(run) = purge.take() {
                             for (reply, n) in run.waiters {
-                                let _ = reply.send(Ok(Output::Purged(n)));
+                                reply.send(Ok(Output::Purged(n)));
                             }
                         }
                     }
@@ -291,7 +290,7 @@ impl Writer {
                         tracing::warn!(error = %e, "embedded store: purging expired records failed");
                         if let Some(run) = purge.take() {
                             for (reply, _) in run.waiters {
-                                let _ = reply.send(Err(e.clone()));
+                                reply.send(Err(e.clone()));
                             }
                         }
                     }
@@ -301,7 +300,7 @@ impl Writer {
         }
         if let Some(run) = purge.take() {
             for (reply, _) in run.waiters {
-                let _ = reply.send(Err(closed()));
+                reply.send(Err(closed()));
             }
         }
         self.close();
@@ -316,13 +315,14 @@ impl Writer {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         match self.try_batch(&batch) {
             Ok(answers) => {
+                let mut delivery = Delivery::default();
                 for ((_, reply), answer) in batch.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
+                    delivery.add(reply, answer);
                 }
             }
             Err(e) if batch.len() == 1 => {
                 for (_, reply) in batch {
-                    let _ = reply.send(Err(e.clone()));
+                    reply.send(Err(e.clone()));
                 }
             }
             Err(e) => {
@@ -332,7 +332,7 @@ impl Writer {
                         Ok(mut answers) => answers.pop().unwrap_or_else(|| Err(closed())),
                         Err(e) => Err(e),
                     };
-                    let _ = op.1.send(answer);
+                    op.1.send(answer);
                 }
             }
         }

@@ -93,6 +93,66 @@ async fn concurrent_requests_share_commits() {
     assert_completed(&store, 0..N).await;
 }
 
+/// With batched wake-ups (as `idemgate serve` runs it), callers on current-thread runtimes,
+/// two of them at once on their own threads as in the proxy, all get their answers: many per
+/// batch, mixed between the runtimes, and while batches keep coming.
+#[test]
+fn batched_wakeups_answer_every_caller_on_every_runtime() {
+    const PER_RUNTIME: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        EmbeddedStore::builder(dir.path().join("s.redb"))
+            .min_free_bytes(0)
+            .batched_wakeups(true)
+            .open()
+            .unwrap(),
+    );
+    let workers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for n in w * PER_RUNTIME..(w + 1) * PER_RUNTIME {
+                        let store = store.clone();
+                        tasks.spawn(async move {
+                            let t = Token::random();
+                            let a = store.acquire(req(id(n), 1, t)).await.unwrap();
+                            assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
+                            let c = store
+                                .complete(&id(n), t, &outcome(n), Duration::from_secs(60))
+                                .await;
+                            assert_eq!(c.unwrap(), Completion::Stored);
+                            let replay = store.acquire(req(id(n), 1, Token::random())).await;
+                            assert!(matches!(replay, Ok(Acquire::Completed(_))), "{replay:?}");
+                        });
+                    }
+                    // A lost wake-up would leave a caller waiting for ever: bound the wait.
+                    tokio::time::timeout(Duration::from_secs(30), async {
+                        while let Some(done) = tasks.join_next().await {
+                            done.unwrap();
+                        }
+                    })
+                    .await
+                    .expect("every caller answered");
+                });
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(
+        store.stats().batches < 6 * PER_RUNTIME,
+        "callers shared batches: {:?}",
+        store.stats()
+    );
+}
+
 /// A batch is kept only once its log frame is synced: when appending to the log fails, its
 /// callers get an error and nothing of it is applied (never "failed" for a write that stays,
 /// never "done" for one that is not durable), and reads and what was logged before still work.
