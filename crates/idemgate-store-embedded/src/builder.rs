@@ -86,8 +86,8 @@ pub struct EmbeddedStoreBuilder {
     cache_bytes: usize,
     quick_repair: bool,
     checkpoint_interval: Duration,
-    batched_wakeups: bool,
     checkpoint_log_bytes: u64,
+    batched_wakeups: bool,
 }
 
 /// Records converted per transaction by the lapse pass at open.
@@ -107,8 +107,8 @@ impl EmbeddedStoreBuilder {
             cache_bytes: 64 * 1024 * 1024,
             quick_repair: true,
             checkpoint_interval: Duration::from_secs(1),
-            batched_wakeups: false,
             checkpoint_log_bytes: 16 * 1024 * 1024,
+            batched_wakeups: false,
         }
     }
 
@@ -177,6 +177,14 @@ impl EmbeddedStoreBuilder {
         self
     }
 
+    /// The log size that starts a checkpoint whatever the interval (default 16 MiB). While a
+    /// checkpoint runs, the writer waits for it once the log reaches twice this, which bounds
+    /// the memory the changed records take and what an open after a crash replays.
+    pub fn checkpoint_log_bytes(mut self, bytes: u64) -> Self {
+        self.checkpoint_log_bytes = bytes;
+        self
+    }
+
     /// Answers callers on a current-thread tokio runtime with one wake-up of that runtime per
     /// batch instead of one per operation (default off). Each such runtime gets a small task
     /// that hands the answers to its callers. Turn it on only when every call is awaited by a
@@ -186,14 +194,6 @@ impl EmbeddedStoreBuilder {
     /// fresh requests per second, ~5 % less CPU per request).
     pub fn batched_wakeups(mut self, on: bool) -> Self {
         self.batched_wakeups = on;
-        self
-    }
-
-    /// The log size that starts a checkpoint whatever the interval (default 16 MiB). While a
-    /// checkpoint runs, the writer waits for it once the log reaches twice this, which bounds
-    /// the memory the changed records take and what an open after a crash replays.
-    pub fn checkpoint_log_bytes(mut self, bytes: u64) -> Self {
-        self.checkpoint_log_bytes = bytes;
         self
     }
 

@@ -80,39 +80,32 @@ impl Drop for Delivery {
 
 /// Answers waiting for one runtime's pump.
 pub(crate) struct Mailbox {
-    queue: Mutex<Queue>,
-    /// A copy of `Queue::open` that callers read without the lock.
+    answers: Mutex<Vec<(oneshot::Sender<Answer>, Answer)>>,
+    /// Cleared by the pump's closer before it takes the lock to drain, and read under the lock
+    /// by `put`: an answer is either queued before that drain or sent directly.
     open: AtomicBool,
     wake: Notify,
-}
-
-struct Queue {
-    answers: Vec<(oneshot::Sender<Answer>, Answer)>,
-    open: bool,
 }
 
 impl Mailbox {
     fn new() -> Mailbox {
         Mailbox {
-            queue: Mutex::new(Queue {
-                answers: Vec::new(),
-                open: true,
-            }),
+            answers: Mutex::new(Vec::new()),
             open: AtomicBool::new(true),
             wake: Notify::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(oneshot::Sender<Answer>, Answer)>> {
         // Every critical section leaves the queue whole; a poisoned lock is safe to keep using.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        self.answers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues an answer for the pump (`true`), or sends it at once if the pump is gone.
     fn put(&self, tx: oneshot::Sender<Answer>, answer: Answer) -> bool {
         let mut queue = self.lock();
-        if queue.open {
-            queue.answers.push((tx, answer));
+        if self.open.load(Ordering::Acquire) {
+            queue.push((tx, answer));
             return true;
         }
         drop(queue);
@@ -127,7 +120,7 @@ impl Mailbox {
 async fn pump(mut closer: CloseOnDrop) {
     loop {
         closer.mailbox.wake.notified().await;
-        std::mem::swap(&mut closer.spare, &mut closer.mailbox.lock().answers);
+        std::mem::swap(&mut closer.spare, &mut *closer.mailbox.lock());
         for (tx, answer) in closer.spare.drain(..) {
             let _ = tx.send(answer);
         }
@@ -142,11 +135,7 @@ struct CloseOnDrop {
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.mailbox.open.store(false, Ordering::Release);
-        let answers = {
-            let mut queue = self.mailbox.lock();
-            queue.open = false;
-            std::mem::take(&mut queue.answers)
-        };
+        let answers = std::mem::take(&mut *self.mailbox.lock());
         for (tx, answer) in answers.into_iter().chain(self.spare.drain(..)) {
             let _ = tx.send(answer);
         }

@@ -57,16 +57,28 @@ struct StoredCompleted {
 }
 
 impl Entry {
+    /// A completed record's entry, its outcome encoded.
+    fn completed(
+        fingerprint: Fingerprint,
+        origin_token: Token,
+        expires_at: Timestamp,
+        outcome: &Outcome,
+    ) -> Entry {
+        Entry::Completed(StoredCompleted {
+            fingerprint,
+            origin_token,
+            expires_at,
+            outcome_unknown: outcome.is_outcome_unknown(),
+            outcome: outcome.encode().into_boxed_slice(),
+        })
+    }
+
     fn new(record: Record) -> Entry {
         match record {
             Record::InFlight(f) => Entry::InFlight(f),
-            Record::Completed(c) => Entry::Completed(StoredCompleted {
-                fingerprint: c.fingerprint,
-                origin_token: c.origin_token,
-                expires_at: c.expires_at,
-                outcome_unknown: c.outcome.is_outcome_unknown(),
-                outcome: c.outcome.encode().into_boxed_slice(),
-            }),
+            Record::Completed(c) => {
+                Entry::completed(c.fingerprint, c.origin_token, c.expires_at, &c.outcome)
+            }
         }
     }
 
@@ -399,13 +411,7 @@ impl Inner {
             }
             Some(_) => return Ok(Attempt::Done(Completion::Refused)),
         };
-        let entry = Entry::Completed(StoredCompleted {
-            fingerprint,
-            origin_token: token,
-            expires_at: now.after(ttl),
-            outcome_unknown: outcome.is_outcome_unknown(),
-            outcome: outcome.encode().into_boxed_slice(),
-        });
+        let entry = Entry::completed(fingerprint, token, now.after(ttl), outcome);
         if !self.charge(old, entry_size(&entry), true) {
             return Ok(Attempt::NoRoom);
         }
@@ -432,15 +438,10 @@ impl Inner {
                 self.charge(old, 0, false);
             }
             Resolution::Respond { outcome, ttl } => {
-                let entry = Entry::Completed(StoredCompleted {
-                    fingerprint,
-                    // The operator's answer is final: a fresh origin fences out the lapsed
-                    // holder's late `complete`, which would otherwise replace it.
-                    origin_token: Token::random(),
-                    expires_at: now.after(*ttl),
-                    outcome_unknown: outcome.is_outcome_unknown(),
-                    outcome: outcome.encode().into_boxed_slice(),
-                });
+                // The operator's answer is final: a fresh origin fences out the lapsed holder's
+                // late `complete`, which would otherwise replace it.
+                let entry =
+                    Entry::completed(fingerprint, Token::random(), now.after(*ttl), outcome);
                 if !self.charge(old, entry_size(&entry), true) {
                     return Ok(Attempt::NoRoom);
                 }
