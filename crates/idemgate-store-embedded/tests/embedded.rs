@@ -38,6 +38,17 @@ async fn assert_completed(store: &EmbeddedStore, ns: impl IntoIterator<Item = u6
     }
 }
 
+/// A fresh request for record `n`: acquired, then completed with its own outcome.
+async fn acquire_and_complete(store: &EmbeddedStore, n: u64) {
+    let t = Token::random();
+    let a = store.acquire(req(id(n), 1, t)).await.unwrap();
+    assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
+    let c = store
+        .complete(&id(n), t, &outcome(n), Duration::from_secs(60))
+        .await;
+    assert_eq!(c.unwrap(), Completion::Stored);
+}
+
 fn outcome(n: u64) -> Outcome {
     Outcome::Response {
         head: ResponseHead {
@@ -64,14 +75,8 @@ async fn concurrent_requests_share_commits() {
     for n in 0..N {
         let (store, start) = (store.clone(), start.clone());
         tasks.push(tokio::spawn(async move {
-            let t = Token::random();
             start.wait().await;
-            let a = store.acquire(req(id(n), 1, t)).await.unwrap();
-            assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
-            let c = store
-                .complete(&id(n), t, &outcome(n), Duration::from_secs(60))
-                .await;
-            assert_eq!(c.unwrap(), Completion::Stored);
+            acquire_and_complete(&store, n).await;
         }));
     }
     for t in tasks {
@@ -120,13 +125,7 @@ fn batched_wakeups_answer_every_caller_on_every_runtime() {
                     for n in w * PER_RUNTIME..(w + 1) * PER_RUNTIME {
                         let store = store.clone();
                         tasks.spawn(async move {
-                            let t = Token::random();
-                            let a = store.acquire(req(id(n), 1, t)).await.unwrap();
-                            assert!(matches!(a, Acquire::Acquired { .. }), "{a:?}");
-                            let c = store
-                                .complete(&id(n), t, &outcome(n), Duration::from_secs(60))
-                                .await;
-                            assert_eq!(c.unwrap(), Completion::Stored);
+                            acquire_and_complete(&store, n).await;
                             let replay = store.acquire(req(id(n), 1, Token::random())).await;
                             assert!(matches!(replay, Ok(Acquire::Completed(_))), "{replay:?}");
                         });
