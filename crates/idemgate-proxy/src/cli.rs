@@ -105,6 +105,9 @@ values {
     ambiguous: "ambiguous";
     /// Time in-flight requests get to finish at shutdown [default: 25s].
     shutdown_grace: "shutdown-grace";
+    /// Longest wait on a client connection: for a whole request head when none is in
+    /// progress (keep-alive idle time included), and for progress writing a response [default: 75s].
+    client_timeout: "client-timeout";
     /// Admin API address, or `off` [default: 127.0.0.1:9090].
     admin_listen: "admin-listen";
     /// File holding the admin bearer token (required when admin-listen is not loopback).

@@ -63,11 +63,16 @@ pub const KEYS: &[&str] = &[
     "fail-open",
     "strict-keys",
     "shutdown-grace",
+    "client-timeout",
     "admin-listen",
     "admin-token-file",
     "release-statuses",
     "instances",
 ];
+
+/// `client-timeout` by default: nginx's keep-alive timeout, above the 60 s idle timeout of common
+/// load balancers, so that the balancer, not idemgate, closes an idle connection first.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// The admin listener's default address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -288,6 +293,9 @@ pub struct Config {
     pub jwt: JwtSettings,
     /// How long in-flight requests get at shutdown.
     pub shutdown_grace: Duration,
+    /// Longest wait on a client: for a complete request head while none is in progress, and
+    /// for progress writing a response.
+    pub client_timeout: Duration,
     /// The admin listener (`None`: off).
     pub admin_listen: Option<SocketAddr>,
     /// The admin bearer token's file.
@@ -678,6 +686,12 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         Duration::from_secs(25),
         parse_duration,
     );
+    let client_timeout = p.take(
+        "client-timeout",
+        get("client-timeout"),
+        DEFAULT_CLIENT_TIMEOUT,
+        parse_duration,
+    );
     let admin_listen = p.take(
         "admin-listen",
         get("admin-listen"),
@@ -707,6 +721,12 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         p.errors.push(format!(
             "lease {} is too short (at least 30ms)",
             format_duration(lease)
+        ));
+    }
+    if client_timeout < Duration::from_millis(100) {
+        p.errors.push(format!(
+            "client-timeout {} is too short (at least 100ms)",
+            format_duration(client_timeout)
         ));
     }
     if upstream_hard_timeout < upstream_timeout {
@@ -803,6 +823,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         trust_scope_header,
         jwt,
         shutdown_grace,
+        client_timeout,
         admin_listen,
         admin_token_file,
         instances,
@@ -1096,6 +1117,7 @@ impl Config {
             d(self.upstream_hard_timeout),
         );
         t.insert("shutdown-grace".into(), d(self.shutdown_grace));
+        t.insert("client-timeout".into(), d(self.client_timeout));
         t.insert(
             "admin-listen".into(),
             s(&self
@@ -1249,6 +1271,7 @@ mod tests {
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
         assert_eq!(c.upstream_hard_timeout, Duration::from_secs(600));
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.client_timeout, Duration::from_secs(75));
         assert_eq!(c.scope, ScopeSpec::Authorization);
         assert!(!c.scope_explicit);
         assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));

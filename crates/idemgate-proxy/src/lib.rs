@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod client_timeouts;
 pub mod config;
 pub mod demo;
 pub mod forward;

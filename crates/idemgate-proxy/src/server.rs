@@ -22,6 +22,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::admin::{self, AdminState};
+use crate::client_timeouts::{self, Activity, TrackedBody, WriteDeadline};
 use crate::config::{Config, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect};
 use crate::metrics::Metrics;
@@ -97,6 +98,9 @@ pub fn route_table(config: &Config) -> Result<Arc<RouteTable>, StartError> {
 }
 
 type Proxy = Idempotency<Forwarder<RequestBody<Incoming>>>;
+
+/// What a client connection's responses are: the layer's, keeping their request in progress.
+type ClientBody = TrackedBody<idemgate::layer::ResponseBody>;
 
 /// A bound, ready server: its listeners are open and its store is open.
 pub struct Server {
@@ -279,7 +283,7 @@ impl Server {
         let workers = proxies
             .into_iter()
             .enumerate()
-            .map(|(n, proxy)| Worker::start(n, proxy, routes.clone()))
+            .map(|(n, proxy)| Worker::start(n, proxy, routes.clone(), config.client_timeout))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| StartError::Runtime(format!("cannot start a worker thread: {e}")))?;
         let mut next = 0usize;
@@ -394,7 +398,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(n: usize, proxy: Proxy, routes: Arc<RouteTable>) -> std::io::Result<Worker> {
+    fn start(
+        n: usize,
+        proxy: Proxy,
+        routes: Arc<RouteTable>,
+        client_timeout: Duration,
+    ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -415,14 +424,22 @@ impl Worker {
                                 continue;
                             }
                         };
-                        let service = connection_service(proxy.clone(), routes.clone(), peer);
+                        let activity = Activity::new();
+                        let service = connection_service(
+                            proxy.clone(),
+                            routes.clone(),
+                            peer,
+                            activity.clone(),
+                        );
+                        let stream = WriteDeadline::new(stream, client_timeout);
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(async move {
+                        let connection = tokio::spawn(async move {
                             if let Err(e) = conn.await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                         });
+                        client_timeouts::close_when_idle(connection, activity, client_timeout);
                     }
                     // The main thread decides when the grace is over: it may stop this runtime
                     // while connections still wait for their responses.
@@ -475,22 +492,25 @@ impl Worker {
 }
 
 /// The hyper service for one client connection.
+///
+/// Each request is in progress on `activity` from its dispatch until its response body ends or
+/// is dropped.
 fn connection_service(
     proxy: Proxy,
     routes: Arc<RouteTable>,
     peer: SocketAddr,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = http::Response<idemgate::layer::ResponseBody>,
+    Response = http::Response<ClientBody>,
     Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<idemgate::layer::ResponseBody>, Infallible>>
-             + Send
-             + 'static,
+    Future = impl Future<Output = Result<http::Response<ClientBody>, Infallible>> + Send + 'static,
 > + Clone
 + Send
 + 'static {
     let client = ClientAddr::new(peer);
     hyper::service::service_fn(move |request: Request<Incoming>| {
+        let in_progress = activity.begin();
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(client.clone());
         if parts.headers.contains_key(IDEMPOTENCY_KEY) && routes.policy_for(&parts).is_some() {
@@ -499,7 +519,7 @@ fn connection_service(
         let mut proxy = proxy.clone();
         async move {
             let r: Result<_, Infallible> = proxy.call(Request::from_parts(parts, body)).await;
-            r
+            r.map(|response| response.map(|body| TrackedBody::new(body, in_progress)))
         }
     })
 }
