@@ -211,7 +211,7 @@ pub struct DemoArgs {
     /// How many times the flaky client sends the one payment.
     #[arg(long, default_value_t = 42)]
     pub attempts: u32,
-    /// Over how long (the story's "10 seconds", compressed).
-    #[arg(long, default_value = "3s")]
+    /// Over how long, at most 10s (both runs go side by side, so the demo takes about this).
+    #[arg(long, default_value = "10s")]
     pub over: String,
 }
