@@ -89,6 +89,9 @@ values {
     upstream_timeout: "upstream-timeout";
     /// No response head by then: outcome-unknown [default: 10m].
     upstream_hard_timeout: "upstream-hard-timeout";
+    /// HTTP version to the upstream: auto (http:// HTTP/1.1; https:// by ALPN) | http1 |
+    /// http2 (h2c with prior knowledge on http://) [default: auto].
+    upstream_protocol: "upstream-protocol";
     /// authorization | header:NAME | jwt-claim:CLAIM [default: authorization].
     scope: "scope";
     /// JWT verification key for jwt-claim scopes: PEM key, JWKS file, or HS256 secret.

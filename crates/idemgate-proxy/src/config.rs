@@ -52,6 +52,7 @@ pub const KEYS: &[&str] = &[
     "max-stored-response",
     "upstream-timeout",
     "upstream-hard-timeout",
+    "upstream-protocol",
     "scope",
     "trust-scope-header",
     "jwt-key-file",
@@ -283,6 +284,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// How long idemgate waits for an upstream response head at most.
     pub upstream_hard_timeout: Duration,
+    /// Which HTTP version idemgate speaks to the upstream.
+    pub upstream_protocol: UpstreamProtocol,
     /// The global scope.
     pub scope: ScopeSpec,
     /// Whether `scope` was set explicitly (else the JWT-shape hint may be logged).
@@ -449,6 +452,38 @@ fn parse_lease_expiry(s: &str) -> Result<LeaseExpiry, String> {
         "outcome-unknown" => Ok(LeaseExpiry::OutcomeUnknown),
         "re-execute" => Ok(LeaseExpiry::ReExecute),
         other => Err(format!("`{other}`: use `outcome-unknown` or `re-execute`")),
+    }
+}
+
+/// The HTTP version idemgate speaks to the upstream (`upstream-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// `http://`: HTTP/1.1. `https://`: HTTP/2 or HTTP/1.1, as TLS ALPN agrees.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only: over TLS by ALPN, and over plain TCP with prior knowledge (h2c).
+    Http2,
+}
+
+impl UpstreamProtocol {
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Auto => "auto",
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::Http2 => "http2",
+        }
+    }
+}
+
+fn parse_upstream_protocol(s: &str) -> Result<UpstreamProtocol, String> {
+    match s.trim() {
+        "auto" => Ok(UpstreamProtocol::Auto),
+        "http1" => Ok(UpstreamProtocol::Http1),
+        "http2" => Ok(UpstreamProtocol::Http2),
+        other => Err(format!("`{other}`: use `auto`, `http1` or `http2`")),
     }
 }
 
@@ -640,6 +675,12 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         Duration::from_secs(600),
         parse_duration,
     );
+    let upstream_protocol = p.take(
+        "upstream-protocol",
+        get("upstream-protocol"),
+        UpstreamProtocol::Auto,
+        parse_upstream_protocol,
+    );
     let scope_explicit = get("scope").is_some();
     let scope = p.take(
         "scope",
@@ -818,6 +859,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         defaults,
         upstream_timeout,
         upstream_hard_timeout,
+        upstream_protocol,
         scope,
         scope_explicit,
         trust_scope_header,
@@ -1116,6 +1158,7 @@ impl Config {
             "upstream-hard-timeout".into(),
             d(self.upstream_hard_timeout),
         );
+        t.insert("upstream-protocol".into(), s(self.upstream_protocol.name()));
         t.insert("shutdown-grace".into(), d(self.shutdown_grace));
         t.insert("client-timeout".into(), d(self.client_timeout));
         t.insert(
@@ -1270,6 +1313,7 @@ mod tests {
         assert_eq!(c.defaults.max_stored_response, 1 << 20);
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
         assert_eq!(c.upstream_hard_timeout, Duration::from_secs(600));
+        assert_eq!(c.upstream_protocol, UpstreamProtocol::Auto);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.client_timeout, Duration::from_secs(75));
         assert_eq!(c.scope, ScopeSpec::Authorization);
@@ -1349,6 +1393,21 @@ mod tests {
             &[("upstream", "http://u"), ("max-stored-response", "lots")],
         ));
         assert!(e.contains("--max-stored-response"), "{e}");
+        let e = errors(&inputs(
+            None,
+            &[("IDEMGATE_UPSTREAM_PROTOCOL", "h3")],
+            &[("upstream", "http://u")],
+        ));
+        assert!(
+            e.contains("IDEMGATE_UPSTREAM_PROTOCOL") && e.contains("`auto`, `http1` or `http2`"),
+            "{e}"
+        );
+        let e = errors(&inputs(
+            None,
+            &[],
+            &[("upstream", "http://u"), ("client-timeout", "0s")],
+        ));
+        assert!(e.contains("client-timeout 0s is too short"), "{e}");
         let e = errors(&inputs(None, &[], &[]));
         assert!(e.contains("no upstream"), "{e}");
         let e = errors(&inputs(None, &[], &[("upstream", "ftp://u")]));

@@ -2,12 +2,13 @@
 //!
 //! It rewrites the request for the upstream (URI, hop-by-hop headers, `X-Forwarded-*`), sends it
 //! over pooled connections (a plain-HTTP upstream: HTTP/1.1 through [`Http1Pool`]; HTTPS:
-//! hyper-util's client, HTTP/1.1 or HTTP/2 as TLS ALPN offers), and classifies failures as
-//! SPEC §6 does, telling the layer through [`OutcomeHint`]:
+//! hyper-util's client, HTTP/1.1 or HTTP/2 as TLS ALPN offers; `--upstream-protocol http2`:
+//! HTTP/2 only, on plain TCP with prior knowledge), and classifies failures as SPEC §6 does,
+//! telling the layer through [`OutcomeHint`]:
 //!
 //! | what failed | answer | hint |
 //! |---|---|---|
-//! | connect refused / timed out, DNS, TLS; HTTP/2 `REFUSED_STREAM`, graceful `GOAWAY` | 502 `upstream-unreachable` | [`OutcomeHint::NotSent`] (key released) |
+//! | connect refused / timed out, DNS, TLS; HTTP/2 `REFUSED_STREAM`, `GOAWAY` below the stream (and, HTTP/2 only, a request canceled before its stream opened) | 502 `upstream-unreachable` | [`OutcomeHint::NotSent`] (key released) |
 //! | sent, then reset / EOF before the response head (also on a reused connection) | 502 `outcome-unknown` | [`OutcomeHint::NoResponse`] |
 //! | no response head by the hard timeout | 504 `outcome-unknown` | [`OutcomeHint::NoResponse`] |
 //!
@@ -35,6 +36,7 @@ use idemgate::layer::BoxError;
 use idemgate::problem::{Problem, ProblemKind};
 use tower_service::Service;
 
+use crate::config::UpstreamProtocol;
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::pool::{Http1Pool, PoolError, UpstreamBody};
 
@@ -89,10 +91,11 @@ impl<B> Clone for Forwarder<B> {
 
 /// How requests reach the upstream.
 enum Connections<B> {
-    /// `http://`: HTTP/1.1 keep-alive connections of our own.
+    /// `http://` over HTTP/1.1: keep-alive connections of our own.
     Plain(Http1Pool<B>),
-    /// `https://`: hyper-util's client (TLS, and HTTP/2 where ALPN picks it).
-    Tls(Box<Client<HttpsConnector<HttpConnector>, B>>),
+    /// hyper-util's pooled client: `https://` (HTTP/2 or HTTP/1.1 as ALPN agrees), and HTTP/2
+    /// on `http://` (h2c, prior knowledge).
+    Client(Box<Client<HttpsConnector<HttpConnector>, B>>),
 }
 
 struct Shared<B> {
@@ -106,6 +109,8 @@ struct Shared<B> {
     host: Option<HeaderValue>,
     hard_timeout: Duration,
     soft_timeout: Duration,
+    /// `--upstream-protocol http2`: no connection speaks HTTP/1.
+    http2_only: bool,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -118,6 +123,8 @@ pub struct ForwardConfig {
     pub hard_timeout: Duration,
     /// The longest wait for a response head of an unprotected request.
     pub soft_timeout: Duration,
+    /// The HTTP version to speak.
+    pub protocol: UpstreamProtocol,
 }
 
 impl<B> Forwarder<B>
@@ -136,7 +143,8 @@ where
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_owned())
             .unwrap_or_default();
-        let (connections, host) = if scheme == http::uri::Scheme::HTTP {
+        let plain = scheme == http::uri::Scheme::HTTP;
+        let (connections, host) = if plain && config.protocol != UpstreamProtocol::Http2 {
             let pool = Http1Pool::new(
                 authority.host(),
                 authority.port_u16().unwrap_or(80),
@@ -145,7 +153,8 @@ where
             );
             (Connections::Plain(pool), Some(host_header(&authority)?))
         } else {
-            (Connections::Tls(Box::new(tls_client()?)), None)
+            let client = pooled_client(config.protocol)?;
+            (Connections::Client(Box::new(client)), None)
         };
         Ok(Forwarder {
             shared: Arc::new(Shared {
@@ -156,13 +165,18 @@ where
                 host,
                 hard_timeout: config.hard_timeout,
                 soft_timeout: config.soft_timeout,
+                http2_only: config.protocol == UpstreamProtocol::Http2,
                 metrics,
             }),
         })
     }
 }
 
-fn tls_client<B>() -> Result<Client<HttpsConnector<HttpConnector>, B>, String>
+/// hyper-util's pooled client speaking `protocol`: over TLS it offers the versions `protocol`
+/// allows by ALPN; `Http2` on a plain connection is h2c with prior knowledge.
+fn pooled_client<B>(
+    protocol: UpstreamProtocol,
+) -> Result<Client<HttpsConnector<HttpConnector>, B>, String>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -171,18 +185,21 @@ where
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
         .map_err(|e| format!("TLS setup failed: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .https_or_http();
+    let connector = match protocol {
+        UpstreamProtocol::Auto => tls.enable_http1().enable_http2().wrap_connector(http),
+        UpstreamProtocol::Http1 => tls.enable_http1().wrap_connector(http),
+        UpstreamProtocol::Http2 => tls.enable_http2().wrap_connector(http),
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https))
+        .http2_only(protocol == UpstreamProtocol::Http2)
+        .build(connector))
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones the
@@ -335,13 +352,23 @@ pub enum Failure {
     NoResponse,
 }
 
-/// Classifies a client error (SPEC §6).
-pub fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+/// Classifies a client error (SPEC §6). `http2_only`: every connection speaks HTTP/2.
+pub fn classify(error: &hyper_util::client::legacy::Error, http2_only: bool) -> Failure {
     if error.is_connect() {
         return Failure::NotSent;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
+        // hyper cancels a request it never handed to the connection. Over HTTP/2 that means no
+        // stream was opened for it, e.g. a GOAWAY arrived first: below our stream, so not
+        // processed. Over HTTP/1 it would be an EOF before the request was written, which
+        // SPEC §6 counts as "EOF before the head", maybe sent, so only HTTP/2 is told apart.
+        if http2_only
+            && e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+        {
+            return Failure::NotSent;
+        }
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             // REFUSED_STREAM guarantees the stream was not processed (RFC 9113 §8.7); a
             // graceful GOAWAY (NO_ERROR) fails only streams above its last-stream-id, which the
@@ -426,9 +453,9 @@ where
                 };
                 (failure, error_chain(&e))
             }),
-            Connections::Tls(client) => match client.request(request).await {
+            Connections::Client(client) => match client.request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::unpooled)),
-                Err(e) => Err((classify(&e), error_chain(&e))),
+                Err(e) => Err((classify(&e, shared.http2_only), error_chain(&e))),
             },
         }
     };
@@ -579,6 +606,7 @@ mod tests {
                 upstream: upstream.parse().unwrap(),
                 hard_timeout: hard,
                 soft_timeout: hard,
+                protocol: UpstreamProtocol::Auto,
             },
             None,
         )

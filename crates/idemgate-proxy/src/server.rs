@@ -156,6 +156,7 @@ impl Server {
             upstream: config.upstream.clone(),
             hard_timeout: config.upstream_hard_timeout,
             soft_timeout: config.upstream_timeout,
+            protocol: config.upstream_protocol,
         };
         let proxies = (0..worker_count())
             .map(|_| {

@@ -9,12 +9,14 @@
 
 pub mod client;
 pub mod fault;
+pub mod h2c;
 pub mod held;
 pub mod process;
 pub mod upstream;
 
 pub use client::{Client, Req, Resp, raw_exchange};
 pub use fault::{Fault, FaultUpstream, closed_port};
+pub use h2c::{H2Fault, H2cUpstream};
 pub use process::{Proxy, ProxyBuilder, run_idemgate};
 pub use upstream::Upstream;
 
