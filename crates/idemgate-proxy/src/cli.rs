@@ -111,6 +111,9 @@ values {
     /// Longest wait on a client connection: for a whole request head when none is in
     /// progress (keep-alive idle time included), and for progress writing a response [default: 75s].
     client_timeout: "client-timeout";
+    /// Proxies in front (comma-separated addresses or CIDR networks) whose X-Forwarded-Proto
+    /// and X-Forwarded-Host are passed on; from others they are replaced [default: none].
+    trusted_proxies: "trusted-proxies";
     /// Admin API address, or `off` [default: 127.0.0.1:9090].
     admin_listen: "admin-listen";
     /// File holding the admin bearer token (required when admin-listen is not loopback).

@@ -65,6 +65,7 @@ pub const KEYS: &[&str] = &[
     "strict-keys",
     "shutdown-grace",
     "client-timeout",
+    "trusted-proxies",
     "admin-listen",
     "admin-token-file",
     "release-statuses",
@@ -299,6 +300,8 @@ pub struct Config {
     /// Longest wait on a client: for a complete request head while none is in progress, and
     /// for progress writing a response.
     pub client_timeout: Duration,
+    /// Peers whose `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The admin listener (`None`: off).
     pub admin_listen: Option<SocketAddr>,
     /// The admin bearer token's file.
@@ -476,6 +479,19 @@ impl UpstreamProtocol {
             UpstreamProtocol::Http2 => "http2",
         }
     }
+}
+
+/// A list of networks (`10.0.0.0/8`) or addresses (`192.0.2.7`, one host).
+fn parse_networks(s: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    list(s)
+        .iter()
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| format!("`{item}` is not an IP address or network (CIDR)"))
+        })
+        .collect()
 }
 
 fn parse_upstream_protocol(s: &str) -> Result<UpstreamProtocol, String> {
@@ -727,6 +743,12 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         Duration::from_secs(25),
         parse_duration,
     );
+    let trusted_proxies = p.take(
+        "trusted-proxies",
+        get("trusted-proxies"),
+        Vec::new(),
+        parse_networks,
+    );
     let client_timeout = p.take(
         "client-timeout",
         get("client-timeout"),
@@ -866,6 +888,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         jwt,
         shutdown_grace,
         client_timeout,
+        trusted_proxies,
         admin_listen,
         admin_token_file,
         instances,
@@ -1161,6 +1184,15 @@ impl Config {
         t.insert("upstream-protocol".into(), s(self.upstream_protocol.name()));
         t.insert("shutdown-grace".into(), d(self.shutdown_grace));
         t.insert("client-timeout".into(), d(self.client_timeout));
+        t.insert(
+            "trusted-proxies".into(),
+            V::Array(
+                self.trusted_proxies
+                    .iter()
+                    .map(|n| s(&n.to_string()))
+                    .collect(),
+            ),
+        );
         t.insert(
             "admin-listen".into(),
             s(&self

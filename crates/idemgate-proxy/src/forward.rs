@@ -59,14 +59,58 @@ pub struct ClientAddr {
     pub addr: SocketAddr,
     /// Its IP as a header value.
     ip: HeaderValue,
+    /// A proxy of the operator's (`--trusted-proxies`): the `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` it sends describe the client's request and are passed on.
+    trusted: bool,
 }
 
 impl ClientAddr {
-    /// The client at `addr`.
+    /// The client at `addr`, not a trusted proxy.
     pub fn new(addr: SocketAddr) -> Self {
         let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientAddr { addr, ip }
+        ClientAddr {
+            addr,
+            ip,
+            trusted: false,
+        }
+    }
+
+    /// The client at `addr`, trusted when `proxies` holds its address.
+    pub fn connected(addr: SocketAddr, proxies: &TrustedProxies) -> Self {
+        ClientAddr {
+            trusted: proxies.contains(addr.ip()),
+            ..ClientAddr::new(addr)
+        }
+    }
+}
+
+/// The addresses (`--trusted-proxies`) whose `X-Forwarded-Proto` and `X-Forwarded-Host` idemgate
+/// passes on instead of replacing: the TLS edge in front of it, so the upstream sees the scheme
+/// and host the client used.
+///
+/// ```
+/// use idemgate_proxy::forward::TrustedProxies;
+///
+/// let proxies = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+/// assert!(proxies.contains("10.1.2.3".parse().unwrap()));
+/// // An IPv4 client on a dual-stack listener shows as IPv4-mapped IPv6.
+/// assert!(proxies.contains("::ffff:10.1.2.3".parse().unwrap()));
+/// assert!(!proxies.contains("192.0.2.1".parse().unwrap()));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Arc<[ipnet::IpNet]>);
+
+impl TrustedProxies {
+    /// Trusts the addresses in `networks`.
+    pub fn new(networks: Vec<ipnet::IpNet>) -> Self {
+        TrustedProxies(networks.into())
+    }
+
+    /// Whether `ip` is one of them.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
     }
 }
 
@@ -262,16 +306,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 }
 
 /// Rewrites a request's head for the upstream: URI, hop-by-hop headers, `X-Forwarded-For`
-/// (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (set), `Host` (the upstream's).
+/// (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (set, or kept from a trusted proxy),
+/// `Host` (the upstream's).
 pub fn prepare_head(
     parts: &mut http::request::Parts,
     scheme: &http::uri::Scheme,
     authority: &http::uri::Authority,
     base_path: &str,
-    client: Option<SocketAddr>,
+    client: Option<&ClientAddr>,
 ) -> Result<(), String> {
-    let client = client.map(ClientAddr::new);
-    rewrite_head(parts, scheme, authority, base_path, None, client.as_ref())
+    rewrite_head(parts, scheme, authority, base_path, None, client)
 }
 
 fn rewrite_head(
@@ -304,10 +348,17 @@ fn rewrite_head(
             parts.headers.insert(X_FORWARDED_FOR, v);
         }
     }
-    parts
-        .headers
-        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = original_host {
+    // A trusted proxy's values stand (it saw the client's request); anyone else's are replaced
+    // with what idemgate saw, so a client cannot claim a scheme or host.
+    let trusted = client.is_some_and(|c| c.trusted);
+    if !(trusted && parts.headers.contains_key(&X_FORWARDED_PROTO)) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if let Some(host) = original_host
+        && !(trusted && parts.headers.contains_key(&X_FORWARDED_HOST))
+    {
         parts.headers.insert(X_FORWARDED_HOST, host);
     }
     // Otherwise the client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
@@ -551,7 +602,7 @@ mod tests {
             &scheme,
             &authority,
             "/base",
-            Some("10.1.2.3:5555".parse().unwrap()),
+            Some(&ClientAddr::new("10.1.2.3:5555".parse().unwrap())),
         )
         .unwrap();
         assert_eq!(parts.uri, "http://127.0.0.1:3000/base/v1/pay?x=1");
@@ -572,6 +623,52 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["authorization"], "Bearer keep-me");
         assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_reports_the_scheme_and_host() {
+        let edge = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let forwarded = || {
+            head(
+                Request::post("/pay")
+                    .header("host", "api.example.com")
+                    .header("x-forwarded-proto", "https")
+                    .header("x-forwarded-host", "shop.example")
+                    .header("x-forwarded-for", "203.0.113.7"),
+            )
+        };
+        let authority: http::uri::Authority = "127.0.0.1:3000".parse().unwrap();
+        let rewrite = |parts: &mut http::request::Parts, peer: &str| {
+            let client = ClientAddr::connected(peer.parse().unwrap(), &edge);
+            prepare_head(
+                parts,
+                &http::uri::Scheme::HTTP,
+                &authority,
+                "",
+                Some(&client),
+            )
+            .unwrap();
+        };
+
+        // The edge (10.0.0.5) terminated TLS for shop.example: the upstream learns that.
+        let mut parts = forwarded();
+        rewrite(&mut parts, "10.0.0.5:40000");
+        assert_eq!(parts.headers["x-forwarded-proto"], "https");
+        assert_eq!(parts.headers["x-forwarded-host"], "shop.example");
+        assert_eq!(parts.headers["x-forwarded-for"], "203.0.113.7, 10.0.0.5");
+
+        // The same claims from anyone else are replaced by what idemgate saw.
+        let mut parts = forwarded();
+        rewrite(&mut parts, "192.0.2.9:40000");
+        assert_eq!(parts.headers["x-forwarded-proto"], "http");
+        assert_eq!(parts.headers["x-forwarded-host"], "api.example.com");
+        assert_eq!(parts.headers["x-forwarded-for"], "203.0.113.7, 192.0.2.9");
+
+        // A trusted proxy that sends none gets them set.
+        let mut parts = head(Request::post("/pay").header("host", "api.example.com"));
+        rewrite(&mut parts, "10.0.0.5:40000");
+        assert_eq!(parts.headers["x-forwarded-proto"], "http");
+        assert_eq!(parts.headers["x-forwarded-host"], "api.example.com");
     }
 
     #[test]

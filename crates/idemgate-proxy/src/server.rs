@@ -24,7 +24,7 @@ use tower_service::Service;
 use crate::admin::{self, AdminState};
 use crate::client_timeouts::{self, Activity, TrackedBody, WriteDeadline};
 use crate::config::{Config, RouteSettings, ScopeSpec};
-use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect};
+use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
 use crate::store::Tracked;
@@ -281,10 +281,17 @@ impl Server {
             })
         });
 
+        let trusted_proxies = TrustedProxies::new(config.trusted_proxies.clone());
         let workers = proxies
             .into_iter()
             .enumerate()
-            .map(|(n, proxy)| Worker::start(n, proxy, routes.clone(), config.client_timeout))
+            .map(|(n, proxy)| {
+                let clients = ClientSettings {
+                    timeout: config.client_timeout,
+                    trusted_proxies: trusted_proxies.clone(),
+                };
+                Worker::start(n, proxy, routes.clone(), clients)
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| StartError::Runtime(format!("cannot start a worker thread: {e}")))?;
         let mut next = 0usize;
@@ -383,6 +390,14 @@ fn worker_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
+/// How a worker treats its client connections.
+struct ClientSettings {
+    /// `--client-timeout`.
+    timeout: Duration,
+    /// `--trusted-proxies`.
+    trusted_proxies: TrustedProxies,
+}
+
 /// A thread serving connections on its own single-threaded runtime.
 ///
 /// The accept loop hands each connection to one worker, round robin, and everything the
@@ -403,8 +418,12 @@ impl Worker {
         n: usize,
         proxy: Proxy,
         routes: Arc<RouteTable>,
-        client_timeout: Duration,
+        clients: ClientSettings,
     ) -> std::io::Result<Worker> {
+        let ClientSettings {
+            timeout: client_timeout,
+            trusted_proxies,
+        } = clients;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -429,7 +448,7 @@ impl Worker {
                         let service = connection_service(
                             proxy.clone(),
                             routes.clone(),
-                            peer,
+                            ClientAddr::connected(peer, &trusted_proxies),
                             activity.clone(),
                         );
                         let stream = WriteDeadline::new(stream, client_timeout);
@@ -499,7 +518,7 @@ impl Worker {
 fn connection_service(
     proxy: Proxy,
     routes: Arc<RouteTable>,
-    peer: SocketAddr,
+    client: ClientAddr,
     activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
@@ -509,7 +528,6 @@ fn connection_service(
 > + Clone
 + Send
 + 'static {
-    let client = ClientAddr::new(peer);
     hyper::service::service_fn(move |request: Request<Incoming>| {
         let in_progress = activity.begin();
         let (mut parts, body) = request.into_parts();

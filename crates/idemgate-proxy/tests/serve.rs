@@ -715,3 +715,34 @@ async fn keys_cli_shows_and_resolves_an_outcome_unknown_record() {
     assert!(retry.replayed());
     assert_eq!(up.requests(), 1, "settling re-executed the request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_proto_and_host_pass_only_from_trusted_proxies() {
+    let up = Upstream::start().await;
+    // The test client connects from 127.0.0.1: a trusted proxy for one instance, not the other.
+    let (_trusting, trusting) = proxy_for(&up.url(), &["--trusted-proxies", "127.0.0.0/8"]).await;
+    let (_default, default) = proxy_for(&up.url(), &[]).await;
+    let from_edge = |key: &str| {
+        Req::post("/orders")
+            .key(key)
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "shop.example")
+            .header(
+                "x-test-echo",
+                "x-forwarded-proto,x-forwarded-host,x-forwarded-for",
+            )
+    };
+
+    let r = trusting.send(from_edge("xf-1")).await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+    let echo = &r.json()["echo"];
+    assert_eq!(echo["x-forwarded-proto"], "https", "{echo}");
+    assert_eq!(echo["x-forwarded-host"], "shop.example", "{echo}");
+    assert_eq!(echo["x-forwarded-for"], "127.0.0.1", "{echo}");
+
+    let r = default.send(from_edge("xf-2")).await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+    let echo = &r.json()["echo"];
+    assert_eq!(echo["x-forwarded-proto"], "http", "{echo}");
+    assert_ne!(echo["x-forwarded-host"], "shop.example", "{echo}");
+}

@@ -10,6 +10,7 @@
 //! | `x-test-extra: 1` | adds two `Set-Cookie`, three `Link` (in order), `Location`, `ETag` |
 //! | `x-test-gzip: 1` | gzip the body, `Content-Encoding: gzip`, `Vary: Accept-Encoding` |
 //! | `x-test-stream: N` | send the body in N chunks, 20 ms apart |
+//! | `x-test-echo: a,b` | the JSON gains `"echo": {"a": …, "b": …}`: those request headers as received |
 //!
 //! The default body is JSON naming the key, the per-key execution number and a global serial,
 //! so a second execution is visible in the body, not only in the counters.
@@ -138,6 +139,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let extra = header(&req, "x-test-extra").is_some();
     let gzip = header(&req, "x-test-gzip").is_some();
     let chunks = num(&req, "x-test-stream").unwrap_or(0);
+    let echo: serde_json::Map<String, serde_json::Value> = header(&req, "x-test-echo")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| (name.to_owned(), header(&req, name).into()))
+        .collect();
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     // The execution counts once the whole request arrived, as a real handler would act.
@@ -171,6 +179,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             "method": method,
             "path": path,
             "request_body_len": request_body.len(),
+            "echo": echo,
         })
         .to_string()
         .into_bytes(),
