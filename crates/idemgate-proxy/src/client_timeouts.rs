@@ -31,6 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::{ClientClose, Metrics};
+
 /// What the requests of one client connection leave for its idle watchdog.
 #[derive(Debug)]
 pub struct Activity {
@@ -89,13 +91,21 @@ impl Drop for InProgress {
 /// request costs the connection task no extra poll. It must run on the connection task's thread
 /// (the proxy's workers are single-threaded runtimes): then the connection task cannot dispatch
 /// a request between the watchdog finding it idle and aborting it.
-pub fn close_when_idle(connection: JoinHandle<()>, activity: Arc<Activity>, timeout: Duration) {
+pub fn close_when_idle(
+    connection: JoinHandle<()>,
+    activity: Arc<Activity>,
+    timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+) {
     tokio::spawn(async move {
         let mut connection = connection;
         tokio::select! {
             _ = &mut connection => {}
             () = idle(&activity, timeout) => {
                 connection.abort();
+                if let Some(m) = &metrics {
+                    m.client_connection_closed(ClientClose::Idle);
+                }
                 tracing::debug!("client connection idle for --client-timeout; closed");
             }
         }
@@ -168,16 +178,19 @@ pub struct WriteDeadline<S> {
     /// at most once.
     stall: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Counts the stall once, however often the failed write is polled again.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S> WriteDeadline<S> {
-    /// `stream` with writes bounded by `timeout`.
-    pub fn new(stream: S, timeout: Duration) -> Self {
+    /// `stream` with writes bounded by `timeout`; a stall is counted in `metrics`.
+    pub fn new(stream: S, timeout: Duration, metrics: Option<Arc<Metrics>>) -> Self {
         WriteDeadline {
             stream,
             timeout,
             stall: None,
             armed: false,
+            metrics,
         }
     }
 
@@ -196,10 +209,15 @@ impl<S> WriteDeadline<S> {
         };
         self.armed = true;
         match stall.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client read nothing of its response within --client-timeout",
-            ))),
+            Poll::Ready(()) => {
+                if let Some(m) = self.metrics.take() {
+                    m.client_connection_closed(ClientClose::WriteStalled);
+                }
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing of its response within --client-timeout",
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -372,7 +390,7 @@ mod tests {
                 }
             }
         });
-        let mut stream = WriteDeadline::new(near, Duration::from_secs(4));
+        let mut stream = WriteDeadline::new(near, Duration::from_secs(4), None);
         let start = Instant::now();
         let message = [7u8; 160];
         stream
@@ -393,12 +411,12 @@ mod tests {
         let idle_activity = Activity::new();
         let idle_conn = tokio::spawn(std::future::pending::<()>());
         let idle_abort = idle_conn.abort_handle();
-        close_when_idle(idle_conn, idle_activity, timeout);
+        close_when_idle(idle_conn, idle_activity, timeout, None);
         let busy_activity = Activity::new();
         let request = busy_activity.begin();
         let busy_conn = tokio::spawn(std::future::pending::<()>());
         let busy_abort = busy_conn.abort_handle();
-        close_when_idle(busy_conn, busy_activity, timeout);
+        close_when_idle(busy_conn, busy_activity, timeout, None);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(
             idle_abort.is_finished(),
@@ -416,7 +434,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_that_makes_no_progress_fails_after_the_timeout() {
         use tokio::io::AsyncWriteExt;
-        let mut stream = WriteDeadline::new(Stalled, Duration::from_secs(4));
+        let mut stream = WriteDeadline::new(Stalled, Duration::from_secs(4), None);
         let start = Instant::now();
         let err = stream.write_all(b"HTTP/1.1 200 OK\r\n").await.err();
         assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));

@@ -32,6 +32,15 @@ pub enum UpstreamResult {
     Timeout,
 }
 
+/// Why idemgate closed a client connection (`--client-timeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientClose {
+    /// No request in progress for the timeout (idle keep-alive, or a head still arriving).
+    Idle,
+    /// A response write made no progress for the timeout.
+    WriteStalled,
+}
+
 /// Every metric idemgate exports.
 ///
 /// The labelled series a request touches are created once, here, and kept as handles: a
@@ -52,6 +61,8 @@ pub struct Metrics {
     unreadable: Counter,
     abandoned_finishes: Counter,
     admin_mutations: Family<Labels1, Counter>,
+    /// Indexed by [`ClientClose`] order.
+    client_closes: [Counter; 2],
 }
 
 /// The `outcome` label values of `idemgate_requests_total`, in [`outcome_index`] order.
@@ -163,8 +174,20 @@ impl Metrics {
             "Admin API changes to records, by action",
             admin_mutations.clone(),
         );
+        let client_closes_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "client_connections_closed",
+            "Client connections idemgate closed after --client-timeout, by reason (idle, write_stalled)",
+            client_closes_family.clone(),
+        );
+        let client_closes = ["idle", "write_stalled"].map(|reason| {
+            client_closes_family
+                .get_or_create(&[("reason", reason)])
+                .clone()
+        });
         Metrics {
             registry,
+            client_closes,
             requests,
             store_ops,
             upstream,
@@ -185,6 +208,15 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// idemgate closed a client connection.
+    pub fn client_connection_closed(&self, reason: ClientClose) {
+        let i = match reason {
+            ClientClose::Idle => 0,
+            ClientClose::WriteStalled => 1,
+        };
+        self.client_closes[i].inc();
     }
 
     /// Attempts executing now.

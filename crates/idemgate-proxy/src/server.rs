@@ -289,6 +289,7 @@ impl Server {
                 let clients = ClientSettings {
                     timeout: config.client_timeout,
                     trusted_proxies: trusted_proxies.clone(),
+                    metrics: metrics.clone(),
                 };
                 Worker::start(n, proxy, routes.clone(), clients)
             })
@@ -396,6 +397,8 @@ struct ClientSettings {
     timeout: Duration,
     /// `--trusted-proxies`.
     trusted_proxies: TrustedProxies,
+    /// Where connections closed for the timeout are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// A thread serving connections on its own single-threaded runtime.
@@ -423,6 +426,7 @@ impl Worker {
         let ClientSettings {
             timeout: client_timeout,
             trusted_proxies,
+            metrics,
         } = clients;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -451,7 +455,8 @@ impl Worker {
                             ClientAddr::connected(peer, &trusted_proxies),
                             activity.clone(),
                         );
-                        let stream = WriteDeadline::new(stream, client_timeout);
+                        let stream =
+                            WriteDeadline::new(stream, client_timeout, Some(metrics.clone()));
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         let connection = tokio::spawn(async move {
@@ -459,7 +464,12 @@ impl Worker {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                         });
-                        client_timeouts::close_when_idle(connection, activity, client_timeout);
+                        client_timeouts::close_when_idle(
+                            connection,
+                            activity,
+                            client_timeout,
+                            Some(metrics.clone()),
+                        );
                     }
                     // The main thread decides when the grace is over: it may stop this runtime
                     // while connections still wait for their responses.

@@ -36,6 +36,17 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> (usize, 
     }
 }
 
+/// The value of `idemgate_client_connections_closed_total{reason="…"}` on the admin API.
+async fn closed_for(proxy: &Proxy, reason: &str) -> u64 {
+    let metrics = support::Client::new(proxy.admin()).get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let series = format!("idemgate_client_connections_closed_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
 /// Reads one response with a `Content-Length` body; returns its head.
 async fn read_response(stream: &mut TcpStream) -> String {
     let mut buf = Vec::new();
@@ -77,6 +88,8 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_timeout() {
     assert_eq!(read, 0, "an idle close sends nothing");
     let open_for = closed - opened;
     assert!(open_for >= TIMEOUT, "closed after only {open_for:?}");
+    assert_eq!(closed_for(&proxy, "idle").await, 1);
+    assert_eq!(closed_for(&proxy, "write_stalled").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,6 +212,7 @@ async fn a_client_that_stops_reading_its_response_is_disconnected() {
         "the whole {BODY}-byte body arrived ({}), so no write ever stalled",
         n + rest
     );
+    assert_eq!(closed_for(&proxy, "write_stalled").await, 1);
     // The proxy is still fine for everyone else.
     let client = support::Client::new(proxy.addr());
     let r = client
