@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use support::{
-    Client, Fault, FaultUpstream, Proxy, Req, Resp, Upstream, closed_port, eventually, raw_exchange,
+    Client, Fault, FaultUpstream, Proxy, Req, Upstream, assert_problem, closed_port, eventually,
+    raw_exchange,
 };
 
 /// Flags every test uses: a short lease so nothing waits long on one.
@@ -23,29 +24,6 @@ async fn proxy_for(upstream: &str, extra: &[&str]) -> (Proxy, Client) {
         .await;
     let client = Client::new(proxy.addr());
     (proxy, client)
-}
-
-fn assert_problem(r: &Resp, status: u16, slug: &str) {
-    assert_eq!(
-        r.status,
-        status,
-        "expected {status} {slug}, got {}",
-        r.summary()
-    );
-    assert_eq!(
-        r.problem().as_deref(),
-        Some(slug),
-        "expected problem {slug}, got {}",
-        r.summary()
-    );
-    let body = r.json();
-    assert_eq!(
-        body["status"],
-        status,
-        "problem body status: {}",
-        r.summary()
-    );
-    assert!(body["title"].is_string() && body["detail"].is_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Client, H2Fault, H2cUpstream, Proxy, Req, Resp};
+use support::{Client, H2Fault, H2cUpstream, Proxy, Req, assert_problem};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -23,16 +23,6 @@ async fn proxy_for(upstream: &str) -> (Proxy, Client) {
         .await;
     let client = Client::new(proxy.addr());
     (proxy, client)
-}
-
-fn assert_problem(r: &Resp, status: u16, slug: &str) {
-    assert_eq!(
-        r.status,
-        status,
-        "expected {status} {slug}, got {}",
-        r.summary()
-    );
-    assert_eq!(r.problem().as_deref(), Some(slug), "{}", r.summary());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,30 @@ use std::time::Duration;
 /// The problem `type` URI prefix (the core crate's `problem::TYPE_PREFIX`).
 pub const PROBLEM_PREFIX: &str = "https://idemgate.dev/problems/";
 
+/// Asserts `r` is the problem response `slug` with `status`, with a well-formed RFC 9457 body.
+pub fn assert_problem(r: &client::Resp, status: u16, slug: &str) {
+    assert_eq!(
+        r.status,
+        status,
+        "expected {status} {slug}, got {}",
+        r.summary()
+    );
+    assert_eq!(
+        r.problem().as_deref(),
+        Some(slug),
+        "expected problem {slug}, got {}",
+        r.summary()
+    );
+    let body = r.json();
+    assert_eq!(
+        body["status"],
+        status,
+        "problem body status: {}",
+        r.summary()
+    );
+    assert!(body["title"].is_string() && body["detail"].is_string());
+}
+
 /// Polls `f` every 20 ms until it is true or `timeout` passes; returns the last result.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
