@@ -73,6 +73,7 @@ fn main() -> ExitCode {
         },
         Command::Serve(settings) => {
             init_logs();
+            idemgate_proxy::server::raise_open_files_limit();
             let loaded = match load_settings(&settings) {
                 Ok(l) => l,
                 Err(e) => {

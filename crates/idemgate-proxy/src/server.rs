@@ -385,6 +385,39 @@ impl Server {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, and says what it is.
+///
+/// Every client connection holds a file descriptor and so does its upstream connection; the
+/// usual default soft limit (1024, also under systemd) runs out near 500 concurrent clients,
+/// while the hard limit is commonly far higher. Go's runtime raises it the same way at start.
+/// Logs the change, and warns when even the hard limit is low.
+pub fn raise_open_files_limit() {
+    let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return;
+    };
+    let now = match rlimit::increase_nofile_limit(hard) {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit");
+            soft
+        }
+    };
+    if now > soft {
+        tracing::info!(from = soft, to = now, "raised the open files limit");
+    }
+    if now < LOW_OPEN_FILES {
+        tracing::warn!(
+            limit = now,
+            "the open files limit allows about {} concurrent clients (each holds a client and an \
+             upstream connection); raise it (ulimit -n, systemd LimitNOFILE=)",
+            now / 2
+        );
+    }
+}
+
+/// Below this many open files, `serve` warns at start.
+const LOW_OPEN_FILES: u64 = 4096;
+
 /// How many threads serve connections: one per CPU the process may use (cgroup quotas and
 /// affinity count), so each runs a single-threaded runtime on its own core.
 fn worker_count() -> usize {

@@ -724,3 +724,33 @@ async fn forwarded_proto_and_host_pass_only_from_trusted_proxies() {
     assert_eq!(echo["x-forwarded-proto"], "http", "{echo}");
     assert_ne!(echo["x-forwarded-host"], "shop.example", "{echo}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_raises_a_low_open_files_limit_to_the_hard_limit() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::builder(up.url()).soft_open_files(256).start().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open files line in:\n{limits}"));
+    // "Max open files   <soft>   <hard>   files"
+    let values: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    assert_ne!(
+        values[1], "256",
+        "the hard limit must be above the test's soft one: {line}"
+    );
+    assert_eq!(
+        values[0], values[1],
+        "soft limit not raised to the hard one: {line}"
+    );
+    assert!(
+        proxy.log().contains("raised the open files limit"),
+        "{}",
+        proxy.log()
+    );
+    // And it serves.
+    let client = Client::new(proxy.addr());
+    let r = client.send(Req::post("/orders").key("nofile-1")).await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+}

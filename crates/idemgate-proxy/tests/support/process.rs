@@ -19,6 +19,7 @@ pub struct ProxyBuilder {
     store: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    soft_open_files: Option<u32>,
 }
 
 impl ProxyBuilder {
@@ -35,6 +36,12 @@ impl ProxyBuilder {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Starts the child with this soft limit on open files (through `sh -c 'ulimit -S -n N'`).
+    pub fn soft_open_files(mut self, limit: u32) -> Self {
+        self.soft_open_files = Some(limit);
         self
     }
 
@@ -65,7 +72,17 @@ impl ProxyBuilder {
     /// child's output when it exits or stays silent.
     pub async fn start(self) -> Proxy {
         let argv = self.argv();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.soft_open_files {
+            None => Command::new(BIN),
+            Some(limit) => {
+                // `exec` keeps the pid: the child is idemgate itself, with the lowered limit.
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -S -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                sh
+            }
+        };
         cmd.args(&argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -189,6 +206,7 @@ impl Proxy {
             store: "memory".to_owned(),
             args: Vec::new(),
             env: Vec::new(),
+            soft_open_files: None,
         }
     }
 
