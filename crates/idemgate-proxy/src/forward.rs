@@ -249,7 +249,7 @@ where
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones the
 /// `Connection` header names.
 /// (Names, not strings: removing by `&str` parses the name again on every call.)
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -260,6 +260,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+const HOP_BY_HOP_COUNT: usize = 9;
+
+/// Where `Connection` is in [`HOP_BY_HOP`].
+const CONNECTION_INDEX: usize = 0;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -278,18 +283,37 @@ fn host_header(authority: &http::uri::Authority) -> Result<HeaderValue, String> 
 /// Removes hop-by-hop headers and those named in `Connection`. `TE: trailers` is kept on
 /// requests (gRPC and HTTP/2 allow it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Most messages carry none of them: one pass over the few names present finds that out
-    // without hashing each of the nine names for a removal.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the few names present tells which of the nine are there (most requests
+    // carry none, most upstream responses only `Connection: keep-alive`); only those are
+    // removed, since a removal hashes the name.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    // Names `Connection` lists, but not the hop-by-hop ones (`keep-alive`), removed below if
+    // present, so that the usual `Connection: keep-alive` parses no name.
+    let named: Vec<HeaderName> = if present[CONNECTION_INDEX] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(n))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let te_trailers = keep_te_trailers
         && headers
             .get(header::TE)
@@ -297,8 +321,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -695,6 +721,22 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+
+        // The usual upstream answer, and the same with the `Keep-Alive` header it names, in
+        // another case: only the message's own headers are left.
+        for keep_alive_header in [false, true] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static("Keep-Alive"));
+            if keep_alive_header {
+                h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            }
+            h.insert("content-length", HeaderValue::from_static("2"));
+            h.insert("x-request-id", HeaderValue::from_static("r1"));
+            strip_hop_by_hop(&mut h, false);
+            let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            left.sort_unstable();
+            assert_eq!(left, ["content-length", "x-request-id"]);
+        }
     }
 
     fn forwarder(upstream: &str, hard: Duration) -> Forwarder<Full<Bytes>> {
