@@ -120,7 +120,8 @@ pub async fn idle(activity: &Activity, timeout: Duration) {
         sleep.as_mut().await;
         let now = Instant::now();
         let next = match activity.idle_since() {
-            // Looked at again a timeout from now, or earlier if it ends and idles before.
+            // Busy: looked at again a timeout from now. A request that ends before then leaves
+            // its end time, so the connection still gets a whole timeout of idleness after it.
             None => now + timeout,
             Some(since) => since + timeout,
         };
@@ -131,7 +132,8 @@ pub async fn idle(activity: &Activity, timeout: Duration) {
     }
 }
 
-/// A response body that keeps its request in progress until it ends or is dropped.
+/// A response body that keeps its request in progress while it lives: hyper drops it once its
+/// last frame is written, or with the connection.
 pub struct TrackedBody<B> {
     body: B,
     _in_progress: InProgress,

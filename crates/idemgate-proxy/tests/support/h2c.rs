@@ -124,19 +124,16 @@ async fn serve(stream: TcpStream, state: Arc<State>) {
                 let mut respond = respond;
                 respond.send_reset(Reason::REFUSED_STREAM);
             }
-            (true, H2Fault::ProcessFirstThenReset) => {
+            (true, H2Fault::ProcessFirstThenReset | H2Fault::ProcessFirstThenGoAwayAndClose) => {
                 if !read_body_driving(&mut conn, request.into_body()).await {
                     return;
                 }
                 state.executions.fetch_add(1, Ordering::SeqCst);
-                let mut respond = respond;
-                respond.send_reset(Reason::INTERNAL_ERROR);
-            }
-            (true, H2Fault::ProcessFirstThenGoAwayAndClose) => {
-                if !read_body_driving(&mut conn, request.into_body()).await {
-                    return;
+                if state.fault == H2Fault::ProcessFirstThenReset {
+                    let mut respond = respond;
+                    respond.send_reset(Reason::INTERNAL_ERROR);
+                    continue;
                 }
-                state.executions.fetch_add(1, Ordering::SeqCst);
                 conn.graceful_shutdown();
                 // Drive the connection long enough to send both GOAWAY frames (the second one
                 // after a PING round trip), then drop it with the stream still open: the socket
