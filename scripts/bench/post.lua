@@ -3,6 +3,8 @@
 --   mode "unique": every request gets a fresh key (each one executes upstream).
 --   mode "replay": each thread cycles through 64 keys, so after the warm-up pass (run with the
 --                  same prefix) every request is a replay of a completed record.
+--   mode "nokey":  no Idempotency-Key at all, so idemgate passes the request through (the cost
+--                  of its HTTP server and client alone).
 -- wrk gives each thread its own Lua state, so counters need no locking; `setup` numbers the
 -- threads so keys never collide between them.
 
@@ -27,7 +29,9 @@ function request()
   if mode == "replay" then
     n = counter % 64
   end
-  headers["Idempotency-Key"] = string.format("%s-%d-%d", prefix, tid, n)
+  if mode ~= "nokey" then
+    headers["Idempotency-Key"] = string.format("%s-%d-%d", prefix, tid, n)
+  end
   return wrk.format("POST", "/orders", headers, body)
 end
 
