@@ -111,6 +111,10 @@ values {
     /// Longest wait on a client connection: for a whole request head when none is in
     /// progress (keep-alive idle time included), and for progress writing a response [default: 75s].
     client_timeout: "client-timeout";
+    /// Most client connections served at once; past it new ones wait in the listen backlog
+    /// and connections idle for a second are closed to make room. `auto`: (open files limit -
+    /// 100) / 2, as each may hold an upstream connection too [default: auto].
+    max_connections: "max-connections";
     /// Proxies in front (comma-separated addresses or CIDR networks) whose X-Forwarded-Proto
     /// and X-Forwarded-Host are passed on; from others they are replaced [default: none].
     trusted_proxies: "trusted-proxies";

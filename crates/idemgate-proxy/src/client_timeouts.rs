@@ -11,6 +11,9 @@
 //!   fails, and the connection closes. The outcome is idemgate's either way: it is stored
 //!   regardless of what the client reads.
 //!
+//! The same watchdog closes idle connections early when `--max-connections` holds new clients
+//! back (a drain, see [`close_when_idle`]).
+//!
 //! Neither wait costs a timer per request: the idle watchdog is one sleep per connection that
 //! wakes at most once per timeout and reads, when it does, what the requests left behind (a
 //! counter and a timestamp); the write deadline is armed only when a write would block.
@@ -84,31 +87,52 @@ impl Drop for InProgress {
     }
 }
 
+/// How long a connection must have been idle for a drain to close it: a keep-alive client
+/// between two quick requests is left alone, a connection that never sends one is not.
+pub const DRAIN_MIN_IDLE: Duration = Duration::from_secs(1);
+
 /// Watches the task serving a client connection, and aborts it (which closes the connection)
-/// once no request has been in progress on it for `timeout`.
+/// once no request has been in progress on it for `timeout`, or, when `drain` signals (the
+/// connection limit holds new clients back), once it has been idle for [`DRAIN_MIN_IDLE`].
 ///
-/// The watchdog is a task of its own, woken only by its timer and by the connection's end, so a
-/// request costs the connection task no extra poll. It must run on the connection task's thread
-/// (the proxy's workers are single-threaded runtimes): then the connection task cannot dispatch
-/// a request between the watchdog finding it idle and aborting it.
+/// The watchdog is a task of its own, woken only by its timer, a drain and the connection's
+/// end, so a request costs the connection task no extra poll. It must run on the connection
+/// task's thread (the proxy's workers are single-threaded runtimes): then the connection task
+/// cannot dispatch a request between the watchdog finding it idle and aborting it.
 pub fn close_when_idle(
     connection: JoinHandle<()>,
     activity: Arc<Activity>,
     timeout: Duration,
+    mut drain: tokio::sync::watch::Receiver<()>,
     metrics: Option<Arc<Metrics>>,
 ) {
     tokio::spawn(async move {
         let mut connection = connection;
-        tokio::select! {
-            _ = &mut connection => {}
-            () = idle(&activity, timeout) => {
-                connection.abort();
-                if let Some(m) = &metrics {
-                    m.client_connection_closed(ClientClose::Idle);
+        let idle = idle(&activity, timeout);
+        tokio::pin!(idle);
+        // No more drains once the accept loop is gone.
+        let mut drains = true;
+        let reason = loop {
+            tokio::select! {
+                _ = &mut connection => return,
+                () = &mut idle => break ClientClose::Idle,
+                signalled = drain.changed(), if drains => {
+                    if signalled.is_err() {
+                        drains = false;
+                    } else if activity
+                        .idle_since()
+                        .is_some_and(|since| since.elapsed() >= DRAIN_MIN_IDLE)
+                    {
+                        break ClientClose::Drained;
+                    }
                 }
-                tracing::debug!("client connection idle for --client-timeout; closed");
             }
+        };
+        connection.abort();
+        if let Some(m) = &metrics {
+            m.client_connection_closed(reason);
         }
+        tracing::debug!(?reason, "idle client connection closed");
     });
 }
 
@@ -413,12 +437,13 @@ mod tests {
         let idle_activity = Activity::new();
         let idle_conn = tokio::spawn(std::future::pending::<()>());
         let idle_abort = idle_conn.abort_handle();
-        close_when_idle(idle_conn, idle_activity, timeout, None);
+        let (_drain, drains) = tokio::sync::watch::channel(());
+        close_when_idle(idle_conn, idle_activity, timeout, drains.clone(), None);
         let busy_activity = Activity::new();
         let request = busy_activity.begin();
         let busy_conn = tokio::spawn(std::future::pending::<()>());
         let busy_abort = busy_conn.abort_handle();
-        close_when_idle(busy_conn, busy_activity, timeout, None);
+        close_when_idle(busy_conn, busy_activity, timeout, drains, None);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(
             idle_abort.is_finished(),
@@ -431,6 +456,48 @@ mod tests {
         drop(request);
         tokio::time::sleep(Duration::from_millis(2_100)).await;
         assert!(busy_abort.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_closes_only_connections_idle_for_a_while() {
+        let timeout = Duration::from_secs(60);
+        let (drain, drains) = tokio::sync::watch::channel(());
+        let watch = |activity: &Arc<Activity>| {
+            let conn = tokio::spawn(std::future::pending::<()>());
+            let abort = conn.abort_handle();
+            close_when_idle(conn, activity.clone(), timeout, drains.clone(), None);
+            abort
+        };
+        let long_idle = watch(&Activity::new());
+        let busy_activity = Activity::new();
+        let request = busy_activity.begin();
+        let busy = watch(&busy_activity);
+        tokio::time::sleep(DRAIN_MIN_IDLE + Duration::from_millis(100)).await;
+        // Idle since now: too recently for a drain.
+        let recent_activity = Activity::new();
+        let recent = watch(&recent_activity);
+        drop(recent_activity.begin());
+        tokio::task::yield_now().await;
+
+        drain.send_replace(());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(long_idle.is_finished(), "a long-idle connection survived");
+        assert!(
+            !busy.is_finished(),
+            "a connection with a request in progress was drained"
+        );
+        assert!(
+            !recent.is_finished(),
+            "a connection idle for only a moment was drained"
+        );
+
+        // A later drain finds the busy one done and idle long enough.
+        drop(request);
+        tokio::time::sleep(DRAIN_MIN_IDLE + Duration::from_millis(100)).await;
+        drain.send_replace(());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(busy.is_finished());
+        assert!(recent.is_finished());
     }
 
     #[tokio::test(start_paused = true)]

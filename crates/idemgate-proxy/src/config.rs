@@ -65,6 +65,7 @@ pub const KEYS: &[&str] = &[
     "strict-keys",
     "shutdown-grace",
     "client-timeout",
+    "max-connections",
     "trusted-proxies",
     "admin-listen",
     "admin-token-file",
@@ -300,6 +301,8 @@ pub struct Config {
     /// Longest wait on a client: for a complete request head while none is in progress, and
     /// for progress writing a response.
     pub client_timeout: Duration,
+    /// How many client connections are served at once.
+    pub max_connections: ConnectionLimit,
     /// Peers whose `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The admin listener (`None`: off).
@@ -478,6 +481,40 @@ impl UpstreamProtocol {
             UpstreamProtocol::Http1 => "http1",
             UpstreamProtocol::Http2 => "http2",
         }
+    }
+}
+
+/// How many client connections `serve` holds open at once (`max-connections`).
+///
+/// Past the limit, new connections wait in the listen backlog until one closes, instead of
+/// taking the file descriptors that upstream connections and the store need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectionLimit {
+    /// From the open files limit at start: each client connection may hold two descriptors
+    /// (its own and an upstream connection's), after a reserve for everything else.
+    #[default]
+    Auto,
+    /// At most this many.
+    Fixed(std::num::NonZeroUsize),
+}
+
+impl ConnectionLimit {
+    /// Its value in the configuration: `auto` or the number.
+    pub fn name(self) -> String {
+        match self {
+            ConnectionLimit::Auto => "auto".to_owned(),
+            ConnectionLimit::Fixed(n) => n.to_string(),
+        }
+    }
+}
+
+fn parse_connection_limit(s: &str) -> Result<ConnectionLimit, String> {
+    match s.trim() {
+        "auto" => Ok(ConnectionLimit::Auto),
+        n => n
+            .parse::<std::num::NonZeroUsize>()
+            .map(ConnectionLimit::Fixed)
+            .map_err(|_| format!("`{n}`: use `auto` or a positive number of connections")),
     }
 }
 
@@ -755,6 +792,12 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         DEFAULT_CLIENT_TIMEOUT,
         parse_duration,
     );
+    let max_connections = p.take(
+        "max-connections",
+        get("max-connections"),
+        ConnectionLimit::Auto,
+        parse_connection_limit,
+    );
     let admin_listen = p.take(
         "admin-listen",
         get("admin-listen"),
@@ -888,6 +931,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         jwt,
         shutdown_grace,
         client_timeout,
+        max_connections,
         trusted_proxies,
         admin_listen,
         admin_token_file,
@@ -1185,6 +1229,13 @@ impl Config {
         t.insert("shutdown-grace".into(), d(self.shutdown_grace));
         t.insert("client-timeout".into(), d(self.client_timeout));
         t.insert(
+            "max-connections".into(),
+            match self.max_connections {
+                ConnectionLimit::Auto => s("auto"),
+                ConnectionLimit::Fixed(n) => V::Integer(i64::try_from(n.get()).unwrap_or(i64::MAX)),
+            },
+        );
+        t.insert(
             "trusted-proxies".into(),
             V::Array(
                 self.trusted_proxies
@@ -1348,6 +1399,7 @@ mod tests {
         assert_eq!(c.upstream_protocol, UpstreamProtocol::Auto);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.client_timeout, Duration::from_secs(75));
+        assert_eq!(c.max_connections, ConnectionLimit::Auto);
         assert_eq!(c.scope, ScopeSpec::Authorization);
         assert!(!c.scope_explicit);
         assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
@@ -1440,6 +1492,17 @@ mod tests {
             &[("upstream", "http://u"), ("client-timeout", "0s")],
         ));
         assert!(e.contains("client-timeout 0s is too short"), "{e}");
+        for bad in ["0", "-3", "many"] {
+            let e = errors(&inputs(
+                None,
+                &[],
+                &[("upstream", "http://u"), ("max-connections", bad)],
+            ));
+            assert!(
+                e.contains("max-connections") && e.contains("`auto` or a positive number"),
+                "{bad}: {e}"
+            );
+        }
         let e = errors(&inputs(None, &[], &[]));
         assert!(e.contains("no upstream"), "{e}");
         let e = errors(&inputs(None, &[], &[("upstream", "ftp://u")]));
@@ -1529,6 +1592,7 @@ mod tests {
         let file = r#"
             upstream = "http://u"
             ttl = "1h"
+            max-connections = 500
             [[route]]
             path = "/v1/payments"
             methods = ["post"]
@@ -1545,6 +1609,10 @@ mod tests {
             protect = false
         "#;
         let c = load(&inputs(Some(file), &[], &[])).unwrap().config;
+        assert_eq!(
+            c.max_connections,
+            ConnectionLimit::Fixed(std::num::NonZeroUsize::new(500).unwrap())
+        );
         assert_eq!(c.routes.len(), 3);
         let r = &c.routes[0];
         assert_eq!(r.methods, vec![Method::POST]);

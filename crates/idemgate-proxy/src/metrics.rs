@@ -39,6 +39,8 @@ pub enum ClientClose {
     Idle,
     /// A response write made no progress for the timeout.
     WriteStalled,
+    /// Idle while `--max-connections` held new clients back: closed to make room.
+    Drained,
 }
 
 /// Every metric idemgate exports.
@@ -62,7 +64,9 @@ pub struct Metrics {
     abandoned_finishes: Counter,
     admin_mutations: Family<Labels1, Counter>,
     /// Indexed by [`ClientClose`] order.
-    client_closes: [Counter; 2],
+    client_closes: [Counter; 3],
+    client_connections: Gauge,
+    client_connections_limit: Gauge,
 }
 
 /// The `outcome` label values of `idemgate_requests_total`, in [`outcome_index`] order.
@@ -177,17 +181,31 @@ impl Metrics {
         let client_closes_family = Family::<Labels1, Counter>::default();
         registry.register(
             "client_connections_closed",
-            "Client connections idemgate closed after --client-timeout, by reason (idle, write_stalled)",
+            "Client connections idemgate closed, by reason (idle, write_stalled: --client-timeout; drained: idle while --max-connections held new clients back)",
             client_closes_family.clone(),
         );
-        let client_closes = ["idle", "write_stalled"].map(|reason| {
+        let client_closes = ["idle", "write_stalled", "drained"].map(|reason| {
             client_closes_family
                 .get_or_create(&[("reason", reason)])
                 .clone()
         });
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open now",
+            client_connections.clone(),
+        );
+        let client_connections_limit = Gauge::default();
+        registry.register(
+            "client_connections_limit",
+            "Most client connections served at once (--max-connections); more wait in the listen backlog",
+            client_connections_limit.clone(),
+        );
         Metrics {
             registry,
             client_closes,
+            client_connections,
+            client_connections_limit,
             requests,
             store_ops,
             upstream,
@@ -215,8 +233,20 @@ impl Metrics {
         let i = match reason {
             ClientClose::Idle => 0,
             ClientClose::WriteStalled => 1,
+            ClientClose::Drained => 2,
         };
         self.client_closes[i].inc();
+    }
+
+    /// A client connection was accepted (`+1`) or closed (`-1`).
+    pub fn client_connections_changed(&self, by: i64) {
+        self.client_connections.inc_by(by);
+    }
+
+    /// The limit on client connections in force.
+    pub fn set_client_connections_limit(&self, limit: usize) {
+        self.client_connections_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// Attempts executing now.

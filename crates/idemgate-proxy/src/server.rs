@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Request;
 use hyper::body::Incoming;
@@ -18,12 +18,13 @@ use idemgate::policy::Policy;
 use idemgate::scope::MissingScope;
 use idemgate::store::Store;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::admin::{self, AdminState};
 use crate::client_timeouts::{self, Activity, TrackedBody, WriteDeadline};
-use crate::config::{Config, RouteSettings, ScopeSpec};
+use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
@@ -116,6 +117,8 @@ pub struct Server {
     tracked: Arc<Tracked>,
     metrics: Arc<Metrics>,
     admin_token: Option<Arc<str>>,
+    /// `--max-connections` as resolved at start.
+    max_connections: usize,
 }
 
 impl Server {
@@ -183,6 +186,8 @@ impl Server {
                 Some((l, bound))
             }
         };
+        let max_connections = connection_limit(config.max_connections, open_files_limit());
+        metrics.set_client_connections_limit(max_connections);
         Ok(Server {
             config,
             listener,
@@ -194,6 +199,7 @@ impl Server {
             tracked,
             metrics,
             admin_token,
+            max_connections,
         })
     }
 
@@ -210,7 +216,25 @@ impl Server {
     /// Logs the addresses and the guarantees in force.
     pub fn log_startup(&self, warnings: &[String]) {
         let c = &self.config;
-        tracing::info!(workers = self.proxies.len(), "listening on {}", self.addr);
+        tracing::info!(
+            workers = self.proxies.len(),
+            max_connections = self.max_connections,
+            "listening on {}",
+            self.addr
+        );
+        if let (ConnectionLimit::Fixed(n), Some(open_files)) =
+            (c.max_connections, open_files_limit())
+        {
+            let fits = connection_limit(ConnectionLimit::Auto, Some(open_files));
+            if n.get() > fits {
+                tracing::warn!(
+                    max_connections = n.get(),
+                    open_files,
+                    "max-connections is above what the open files limit allows (about {fits}): \
+                     past that, accepting clients and connecting upstream fail"
+                );
+            }
+        }
         if let Some(a) = self.admin_addr() {
             tracing::info!(
                 token_required = self.admin_token.is_some(),
@@ -259,6 +283,7 @@ impl Server {
             tracked,
             metrics,
             admin_token,
+            max_connections,
             ..
         } = self;
 
@@ -282,6 +307,8 @@ impl Server {
         });
 
         let trusted_proxies = TrustedProxies::new(config.trusted_proxies.clone());
+        // Asks every worker to close its idle connections while the limit holds clients back.
+        let (drain, drains) = watch::channel(());
         let workers = proxies
             .into_iter()
             .enumerate()
@@ -289,6 +316,7 @@ impl Server {
                 let clients = ClientSettings {
                     timeout: config.client_timeout,
                     trusted_proxies: trusted_proxies.clone(),
+                    drains: drains.clone(),
                     metrics: metrics.clone(),
                 };
                 Worker::start(n, proxy, routes.clone(), clients)
@@ -297,7 +325,29 @@ impl Server {
             .map_err(|e| StartError::Runtime(format!("cannot start a worker thread: {e}")))?;
         let mut next = 0usize;
         let mut shutdown = std::pin::pin!(shutdown);
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let mut warned_full: Option<Instant> = None;
         loop {
+            // A place under --max-connections first: while there is none, new connections wait
+            // in the listen backlog (the kernel's), not in idemgate.
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                        tracing::warn!(
+                            max_connections,
+                            "client connection limit reached: new connections wait in the \
+                             listen backlog; idle connections are closed to make room \
+                             (--max-connections)"
+                        );
+                        warned_full = Some(Instant::now());
+                    }
+                    match wait_for_slot(&slots, &drain, &mut shutdown).await {
+                        Some(permit) => permit,
+                        None => break,
+                    }
+                }
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -311,9 +361,10 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let slot = ConnectionSlot::new(permit, metrics.clone());
             // Round robin: every worker gets an equal share of the connections.
             let mut connection = match stream.into_std() {
-                Ok(stream) => Some((stream, peer)),
+                Ok(stream) => Some(Accepted { stream, peer, slot }),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot hand a connection to a worker");
                     None
@@ -418,6 +469,95 @@ pub fn raise_open_files_limit() {
 /// Below this many open files, `serve` warns at start.
 const LOW_OPEN_FILES: u64 = 4096;
 
+/// Open files `--max-connections auto` leaves to everything but client connections and their
+/// upstream connections: the store's files and connections, the admin listener and its
+/// clients, the log.
+const RESERVED_OPEN_FILES: u64 = 100;
+
+/// At most one "limit reached" warning per this long: under a sustained overload every accept
+/// waits.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// How often a wait for a place under the limit asks the workers again to close idle
+/// connections (more become idle for long enough as time passes).
+const DRAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Waits for a place under `--max-connections`, asking the workers every [`DRAIN_EVERY`] to close
+/// connections that have been idle for a while. `None` at shutdown.
+async fn wait_for_slot<F: Future<Output = ()>>(
+    slots: &Arc<Semaphore>,
+    drain: &watch::Sender<()>,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<OwnedSemaphorePermit> {
+    let acquire = slots.clone().acquire_owned();
+    tokio::pin!(acquire);
+    loop {
+        drain.send_replace(());
+        tokio::select! {
+            // Err only if the semaphore were closed, which nothing does.
+            permit = &mut acquire => return permit.ok(),
+            () = tokio::time::sleep(DRAIN_EVERY) => {}
+            () = shutdown.as_mut() => return None,
+        }
+    }
+}
+
+/// The soft limit on open files (`None` where it cannot be read).
+fn open_files_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
+/// How many client connections are served at once. `auto` gives each client connection two
+/// descriptors (its own and the upstream connection a request on it holds) out of the open
+/// files limit, after [`RESERVED_OPEN_FILES`]; without a readable limit it assumes the common
+/// default of 1024.
+fn connection_limit(configured: ConnectionLimit, open_files: Option<u64>) -> usize {
+    let limit = match configured {
+        ConnectionLimit::Fixed(n) => n.get(),
+        ConnectionLimit::Auto => {
+            let fits = open_files
+                .unwrap_or(1024)
+                .saturating_sub(RESERVED_OPEN_FILES)
+                / 2;
+            usize::try_from(fits).unwrap_or(usize::MAX)
+        }
+    };
+    limit.clamp(1, Semaphore::MAX_PERMITS)
+}
+
+/// A client connection's place under `--max-connections`, counted in the open-connections
+/// gauge. It lives in the connection's task, so it is given back when the connection ends
+/// however it ends (closed, aborted for `--client-timeout`, dropped with its worker).
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.client_connections_changed(1);
+        ConnectionSlot {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.metrics.client_connections_changed(-1);
+    }
+}
+
+/// An accepted client connection on its way to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+}
+
 /// How many threads serve connections: one per CPU the process may use (cgroup quotas and
 /// affinity count), so each runs a single-threaded runtime on its own core.
 fn worker_count() -> usize {
@@ -430,6 +570,8 @@ struct ClientSettings {
     timeout: Duration,
     /// `--trusted-proxies`.
     trusted_proxies: TrustedProxies,
+    /// Signals to close idle connections (see [`wait_for_slot`]).
+    drains: watch::Receiver<()>,
     /// Where connections closed for the timeout are counted.
     metrics: Arc<Metrics>,
 }
@@ -443,7 +585,7 @@ struct ClientSettings {
 /// single-threaded runtime per core used ~11 % less CPU per fresh-key request.
 struct Worker {
     /// `None` once it takes no more connections (and drains the ones it has).
-    connections: Option<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    connections: Option<tokio::sync::mpsc::UnboundedSender<Accepted>>,
     drained: tokio::sync::oneshot::Receiver<()>,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
@@ -459,6 +601,7 @@ impl Worker {
         let ClientSettings {
             timeout: client_timeout,
             trusted_proxies,
+            drains,
             metrics,
         } = clients;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -473,7 +616,7 @@ impl Worker {
                 runtime.block_on(async move {
                     let graceful = GracefulShutdown::new();
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    while let Some((stream, peer)) = incoming.recv().await {
+                    while let Some(Accepted { stream, peer, slot }) = incoming.recv().await {
                         let stream = match tokio::net::TcpStream::from_std(stream) {
                             Ok(s) => s,
                             Err(e) => {
@@ -493,6 +636,7 @@ impl Worker {
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         let connection = tokio::spawn(async move {
+                            let _slot = slot;
                             if let Err(e) = conn.await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
@@ -501,6 +645,12 @@ impl Worker {
                             connection,
                             activity,
                             client_timeout,
+                            {
+                                // Only drains from now on concern this connection.
+                                let mut drains = drains.clone();
+                                drains.mark_unchanged();
+                                drains
+                            },
                             Some(metrics.clone()),
                         );
                     }
@@ -525,10 +675,7 @@ impl Worker {
     }
 
     /// Gives the worker a connection; hands it back if the worker's thread is gone.
-    fn hand_over(
-        &self,
-        connection: (std::net::TcpStream, SocketAddr),
-    ) -> Option<(std::net::TcpStream, SocketAddr)> {
+    fn hand_over(&self, connection: Accepted) -> Option<Accepted> {
         let Some(connections) = &self.connections else {
             return Some(connection);
         };
@@ -609,5 +756,35 @@ pub async fn termination() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::num::NonZeroUsize;
+
+    use super::*;
+
+    #[test]
+    fn the_auto_connection_limit_leaves_two_open_files_per_connection_and_a_reserve() {
+        let auto = |open_files| connection_limit(ConnectionLimit::Auto, open_files);
+        assert_eq!(auto(Some(1024)), 462);
+        assert_eq!(auto(Some(300)), 100);
+        assert_eq!(auto(None), 462, "an unreadable limit is taken as 1024");
+        assert_eq!(auto(Some(50)), 1, "never below one connection");
+        assert_eq!(
+            auto(Some(u64::MAX)),
+            Semaphore::MAX_PERMITS,
+            "an unlimited limit is capped where the semaphore is"
+        );
+        let fixed = ConnectionLimit::Fixed(NonZeroUsize::new(5).unwrap());
+        assert_eq!(connection_limit(fixed, Some(1024)), 5);
+        assert_eq!(
+            connection_limit(fixed, Some(10)),
+            5,
+            "a fixed limit is kept"
+        );
     }
 }

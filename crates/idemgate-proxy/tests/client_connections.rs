@@ -1,6 +1,7 @@
-//! Black-box tests of `--client-timeout`: the real binary closes client connections that hold it
-//! up (idle, a request head that trickles in, a response nobody reads) and never one whose
-//! request is still in progress.
+//! Black-box tests of how the real binary treats client connections: `--client-timeout` closes
+//! those that hold it up (idle, a request head that trickles in, a response nobody reads) and
+//! never one whose request is still in progress; `--max-connections` keeps new ones waiting in
+//! the listen backlog while the limit is reached.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,15 +37,23 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> (usize, 
     }
 }
 
-/// The value of `idemgate_client_connections_closed_total{reason="…"}` on the admin API.
-async fn closed_for(proxy: &Proxy, reason: &str) -> u64 {
+/// The value of one series (name and labels, as printed) on the admin API's `/metrics`.
+async fn metric(proxy: &Proxy, series: &str) -> u64 {
     let metrics = support::Client::new(proxy.admin()).get("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
-    let series = format!("idemgate_client_connections_closed_total{{reason=\"{reason}\"}} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
+/// The value of `idemgate_client_connections_closed_total{reason="…"}`.
+async fn closed_for(proxy: &Proxy, reason: &str) -> u64 {
+    metric(
+        proxy,
+        &format!("idemgate_client_connections_closed_total{{reason=\"{reason}\"}}"),
+    )
+    .await
 }
 
 /// Reads one response with a `Content-Length` body; returns its head.
@@ -239,5 +248,126 @@ fn a_client_timeout_below_100ms_is_a_configuration_error() {
         run.stderr.contains("client-timeout 10ms is too short"),
         "{}",
         run.stderr
+    );
+}
+
+/// A keep-alive POST without a key (passed through) on a raw connection.
+const PLAIN_POST: &[u8] = b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+
+/// The same, answered by the upstream after 3 s.
+const SLOW_POST: &[u8] =
+    b"POST /orders HTTP/1.1\r\nHost: x\r\nx-test-delay-ms: 3000\r\nContent-Length: 2\r\n\r\n{}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_client_waits_while_every_connection_is_busy() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::builder(up.url())
+        .args(["--max-connections", "2"])
+        .start()
+        .await;
+    // Two clients take both places with requests in progress (the upstream takes 3 s).
+    let mut first = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut second = TcpStream::connect(proxy.addr()).await.unwrap();
+    for stream in [&mut first, &mut second] {
+        stream.write_all(SLOW_POST).await.unwrap();
+    }
+    while up.total() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&proxy, "idemgate_client_connections").await, 2);
+    assert_eq!(metric(&proxy, "idemgate_client_connections_limit").await, 2);
+
+    // A third connects (the kernel's backlog takes it) and sends its request: it is not
+    // served while both places are busy.
+    let mut third = TcpStream::connect(proxy.addr()).await.unwrap();
+    third.write_all(PLAIN_POST).await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(1500), third.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the third connection was served past --max-connections 2: {early:?}"
+    );
+    assert_eq!(up.total(), 2, "the waiting request reached the upstream");
+    assert!(
+        proxy.log().contains("client connection limit reached"),
+        "{}",
+        proxy.log()
+    );
+
+    // The requests in progress are never cut to make room: both are answered.
+    for stream in [&mut first, &mut second] {
+        let head = read_response(stream).await;
+        assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    }
+    // Then a place frees up (a client leaves), and the third is served, its request intact.
+    drop(first);
+    let head = read_response(&mut third).await;
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    assert_eq!(up.total(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_an_idle_connection_is_closed_to_make_room() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::builder(up.url())
+        .args(["--max-connections", "2", "--client-timeout", "60s"])
+        .start()
+        .await;
+    // Two clients are served and then sit idle on their keep-alive connections, holding both
+    // places; a client timeout of 60 s would keep them for a minute.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        stream.write_all(PLAIN_POST).await.unwrap();
+        let head = read_response(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+        idle.push(stream);
+    }
+    let started = Instant::now();
+    let mut third = TcpStream::connect(proxy.addr()).await.unwrap();
+    third.write_all(PLAIN_POST).await.unwrap();
+    let head = read_response(&mut third).await;
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "served only after {:?}: no idle connection was closed for it",
+        started.elapsed()
+    );
+    // One of the idle two was closed for it, after at least a second of idleness.
+    let mut closed = 0;
+    for stream in &mut idle {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "neither idle connection was closed");
+    assert_eq!(closed_for(&proxy, "drained").await, closed);
+    assert_eq!(closed_for(&proxy, "idle").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auto_connection_limit_follows_the_open_files_limit() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::builder(up.url()).start().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric open files limit in:\n{limits}"));
+    assert_eq!(
+        metric(&proxy, "idemgate_client_connections_limit").await,
+        (soft - 100) / 2,
+        "auto: two open files per connection after a reserve of 100 ({soft} open files)"
+    );
+    assert!(
+        proxy
+            .log()
+            .contains(&format!("max_connections={}", (soft - 100) / 2)),
+        "{}",
+        proxy.log()
     );
 }
