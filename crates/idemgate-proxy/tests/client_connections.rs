@@ -371,3 +371,41 @@ async fn the_auto_connection_limit_follows_the_open_files_limit() {
         proxy.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_at_the_connection_limit_finishes_the_busy_request_and_exits_0() {
+    let up = Upstream::start().await;
+    let mut proxy = Proxy::builder(up.url())
+        .args(["--max-connections", "1", "--shutdown-grace", "5s"])
+        .start()
+        .await;
+    let mut busy = TcpStream::connect(proxy.addr()).await.unwrap();
+    busy.write_all(SLOW_POST).await.unwrap();
+    while up.total() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A second client waits in the backlog while the accept loop waits for a place.
+    let mut waiting = TcpStream::connect(proxy.addr()).await.unwrap();
+    waiting.write_all(PLAIN_POST).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    proxy.sigterm();
+    // The waiting client is turned away unserved when the listener closes at SIGTERM, while
+    // the busy request (2.7 s to go) is still running: the accept loop's wait for a place
+    // ends with the signal.
+    let (read, _) = read_until_closed(&mut waiting, Duration::from_secs(10)).await;
+    assert_eq!(read, 0, "the waiting client got an answer");
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(busy.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the waiting client was turned away only after the busy request ended"
+    );
+    let head = read_response(&mut busy).await;
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no exit 10 s after SIGTERM; log:\n{}", proxy.log()));
+    assert_eq!(status.code(), Some(0), "log:\n{}", proxy.log());
+    assert_eq!(up.total(), 1, "the waiting request reached the upstream");
+}
