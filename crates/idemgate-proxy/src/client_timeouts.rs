@@ -106,6 +106,8 @@ pub fn close_when_idle(
     mut drain: tokio::sync::watch::Receiver<()>,
     metrics: Option<Arc<Metrics>>,
 ) {
+    // Only drains signalled from now on concern this connection.
+    drain.mark_unchanged();
     tokio::spawn(async move {
         let mut connection = connection;
         let idle = idle(&activity, timeout);

@@ -486,8 +486,8 @@ impl UpstreamProtocol {
 
 /// How many client connections `serve` holds open at once (`max-connections`).
 ///
-/// Past the limit, new connections wait in the listen backlog until one closes, instead of
-/// taking the file descriptors that upstream connections and the store need.
+/// Past the limit, new connections wait in the listen backlog (and idle ones are closed to make
+/// room) instead of taking the file descriptors that upstream connections and the store need.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ConnectionLimit {
     /// From the open files limit at start: each client connection may hold two descriptors
@@ -496,16 +496,6 @@ pub enum ConnectionLimit {
     Auto,
     /// At most this many.
     Fixed(std::num::NonZeroUsize),
-}
-
-impl ConnectionLimit {
-    /// Its value in the configuration: `auto` or the number.
-    pub fn name(self) -> String {
-        match self {
-            ConnectionLimit::Auto => "auto".to_owned(),
-            ConnectionLimit::Fixed(n) => n.to_string(),
-        }
-    }
 }
 
 fn parse_connection_limit(s: &str) -> Result<ConnectionLimit, String> {

@@ -645,12 +645,7 @@ impl Worker {
                             connection,
                             activity,
                             client_timeout,
-                            {
-                                // Only drains from now on concern this connection.
-                                let mut drains = drains.clone();
-                                drains.mark_unchanged();
-                                drains
-                            },
+                            drains.clone(),
                             Some(metrics.clone()),
                         );
                     }

@@ -1,7 +1,7 @@
 //! Black-box tests of how the real binary treats client connections: `--client-timeout` closes
 //! those that hold it up (idle, a request head that trickles in, a response nobody reads) and
 //! never one whose request is still in progress; `--max-connections` keeps new ones waiting in
-//! the listen backlog while the limit is reached.
+//! the listen backlog while the limit is reached, and closes idle ones to make room.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
