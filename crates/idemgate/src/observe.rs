@@ -4,7 +4,10 @@
 //! Prometheus counters and histograms. Every method has an empty default, so an observer
 //! implements only what it records. The default observer, [`NoopObserver`], costs nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::record::RecordId;
 
 /// What the layer did with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -91,3 +94,40 @@ pub trait Observer: Send + Sync + 'static {
 pub struct NoopObserver;
 
 impl Observer for NoopObserver {}
+
+/// Tells the sender of one request what the layer did with it, for a per-request (access) log.
+///
+/// Insert one into a request's extensions; the layer takes it out before the inner service sees
+/// the request and calls it once, with the outcome the [`Observer`] gets and the record's id
+/// where there is a record. An executed request is reported when its attempt is done (outcome
+/// stored or key released), which can be after the client's response has ended; an attempt
+/// still running at a runtime shutdown may never be reported. Absent, it costs the layer one
+/// extensions lookup.
+///
+/// ```
+/// use idemgate::observe::{ReportOutcome, RequestOutcome};
+///
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(ReportOutcome::new(|outcome, record_id| {
+///     println!("{outcome:?} {}", record_id.map(|id| id.to_string()).unwrap_or_default());
+/// }));
+/// ```
+#[derive(Clone)]
+pub struct ReportOutcome(Arc<dyn Fn(RequestOutcome, Option<RecordId>) + Send + Sync>);
+
+impl ReportOutcome {
+    /// Calls `report` with the request's outcome.
+    pub fn new(report: impl Fn(RequestOutcome, Option<RecordId>) + Send + Sync + 'static) -> Self {
+        ReportOutcome(Arc::new(report))
+    }
+
+    pub(crate) fn report(self, outcome: RequestOutcome, record_id: Option<RecordId>) {
+        (self.0)(outcome, record_id);
+    }
+}
+
+impl std::fmt::Debug for ReportOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReportOutcome")
+    }
+}

@@ -298,6 +298,68 @@ async fn on_error_release_lets_the_retry_execute() {
 }
 
 #[tokio::test]
+async fn a_request_carrying_report_outcome_is_told_what_the_layer_did() {
+    use idemgate::observe::{ReportOutcome, RequestOutcome};
+    use idemgate::record::RecordId;
+    use tower::ServiceExt;
+    let inner = tower::service_fn(
+        |req: http::Request<idemgate::layer::RequestBody<http_body_util::Full<Bytes>>>| async move {
+            assert!(
+                req.extensions().get::<ReportOutcome>().is_none(),
+                "the inner service never sees the report"
+            );
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"done"),
+            )))
+        },
+    );
+    let layer = IdempotencyLayer::new(Arc::new(MemoryStore::builder().build()));
+    let svc = tower::Layer::layer(&layer, inner);
+    let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |method: Method, key: Option<&str>| {
+        let mut req = http::Request::builder().method(method).uri("/x");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        let mut req = req
+            .body(http_body_util::Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let reports = reports.clone();
+        req.extensions_mut()
+            .insert(ReportOutcome::new(move |outcome, id| {
+                reports.lock().unwrap().push((outcome, id));
+            }));
+        svc.clone().oneshot(req)
+    };
+    assert_eq!(
+        send(Method::POST, Some("\"r\"")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        send(Method::POST, Some("\"r\"")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(send(Method::GET, None).await.unwrap().status(), 200);
+    assert_eq!(
+        send(Method::POST, Some("\"unterminated"))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let id = RecordId::derive("anonymous", b"", b"r");
+    assert_eq!(
+        *reports.lock().unwrap(),
+        [
+            (RequestOutcome::Executed, Some(id)),
+            (RequestOutcome::Replayed, Some(id)),
+            (RequestOutcome::Passthrough, None),
+            (RequestOutcome::Rejected, None),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn an_inner_service_error_is_a_stored_handler_failed() {
     use tower::ServiceExt;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));

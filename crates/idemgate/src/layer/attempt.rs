@@ -27,7 +27,7 @@ use super::OutcomeHint;
 use super::body::{BoxError, ClientFlow, RequestBody, ResponseBody};
 use super::finisher::{self, FinishOp};
 use super::replay::storable_head;
-use super::service::{Shared, with_tries};
+use super::service::{Reporter, Shared, with_tries};
 use crate::observe::{RequestOutcome, StoreOp};
 use crate::policy::{Ambiguous, OnError, Policy};
 use crate::problem::{Problem, ProblemKind};
@@ -54,6 +54,7 @@ pub(crate) struct Attempt<S, B> {
     pub(crate) token: Token,
     pub(crate) policy: Arc<Policy>,
     pub(crate) respond: oneshot::Sender<Response<ResponseBody>>,
+    pub(crate) reporter: Reporter,
 }
 
 /// What is left to do once the inner service is done: the store operation, and the part of the
@@ -126,6 +127,7 @@ where
         token,
         policy,
         respond,
+        reporter,
     } = attempt;
     let mut guard = AttemptGuard {
         shared: shared.clone(),
@@ -204,7 +206,7 @@ where
         guard.armed = false;
         return;
     };
-    shared.observer.request(driven.outcome);
+    reporter.done(&shared, driven.outcome);
     finish(&shared, id, token, driven.op).await;
     guard.armed = false;
     match driven.after {

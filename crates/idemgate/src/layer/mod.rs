@@ -49,6 +49,12 @@
 //! extensions: [`OutcomeHint::NotSent`] releases the key (nothing happened), and
 //! [`OutcomeHint::NoResponse`] records the outcome as unknown (or releases it, by the route's
 //! `ambiguous` policy).
+//!
+//! # Learning what the layer did with one request
+//!
+//! Metrics come through the [`Observer`](crate::observe::Observer). For a per-request (access)
+//! log, put a [`ReportOutcome`](crate::observe::ReportOutcome) in the request's extensions: the
+//! layer takes it out and calls it once with the request's outcome and record id.
 
 mod attempt;
 mod body;

@@ -20,10 +20,10 @@ use super::finisher::Finisher;
 use super::replay;
 use crate::fingerprint::fingerprint;
 use crate::key::{KeyError, key_from_headers};
-use crate::observe::{NoopObserver, Observer, RequestOutcome, StoreOp};
+use crate::observe::{NoopObserver, Observer, ReportOutcome, RequestOutcome, StoreOp};
 use crate::policy::{Concurrency, MethodPolicy, Policy, PolicyResolver};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{Timestamp, Token};
+use crate::record::{RecordId, Timestamp, Token};
 use crate::scope::{AuthorizationScope, MissingScope, Scope, ScopeError, ScopeResolver};
 use crate::store::{Acquire, AcquireRequest, Store, StoreError};
 
@@ -210,13 +210,35 @@ where
     }
 }
 
-fn problem(shared: &Shared, outcome: RequestOutcome, p: Problem) -> Response<ResponseBody> {
-    shared.observer.request(outcome);
+/// Where the layer says what it did with a request: the observer, and the request's own
+/// [`ReportOutcome`] when it came with one. Reporting consumes it, so a request is reported once.
+pub(crate) struct Reporter {
+    to: Option<ReportOutcome>,
+    id: Option<RecordId>,
+}
+
+impl Reporter {
+    pub(crate) fn done(self, shared: &Shared, outcome: RequestOutcome) {
+        shared.observer.request(outcome);
+        if let Some(to) = self.to {
+            to.report(outcome, self.id);
+        }
+    }
+}
+
+fn problem(
+    shared: &Shared,
+    reporter: Reporter,
+    outcome: RequestOutcome,
+    p: Problem,
+) -> Response<ResponseBody> {
+    reporter.done(shared, outcome);
     p.into_response()
 }
 
 async fn passthrough<S, ReqB, ResB>(
     shared: &Shared,
+    reporter: Reporter,
     mut inner: S,
     parts: Parts,
     body: RequestBody<ReqB>,
@@ -227,7 +249,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    shared.observer.request(outcome);
+    reporter.done(shared, outcome);
     let response = inner.call(Request::from_parts(parts, body)).await?;
     Ok(response.map(ResponseBody::inner))
 }
@@ -246,10 +268,15 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    let mut reporter = Reporter {
+        to: parts.extensions.remove::<ReportOutcome>(),
+        id: None,
+    };
     let Some(policy) = shared.policy.resolve(&parts) else {
         return passthrough(
             &shared,
+            reporter,
             inner,
             parts,
             RequestBody::streaming(body),
@@ -264,6 +291,7 @@ where
         Ok(None) if policy.require_key => {
             return Ok(problem(
                 &shared,
+                reporter,
                 RequestOutcome::Rejected,
                 Problem::new(ProblemKind::KeyMissing),
             ));
@@ -271,6 +299,7 @@ where
         Ok(None) => {
             return passthrough(
                 &shared,
+                reporter,
                 inner,
                 parts,
                 RequestBody::streaming(body),
@@ -286,6 +315,7 @@ where
             };
             return Ok(problem(
                 &shared,
+                reporter,
                 RequestOutcome::Rejected,
                 Problem::new(kind).with_detail(e.to_string()),
             ));
@@ -300,6 +330,7 @@ where
             MissingScope::Reject => {
                 return Ok(problem(
                     &shared,
+                    reporter,
                     RequestOutcome::Rejected,
                     Problem::new(ProblemKind::ScopeMissing),
                 ));
@@ -307,6 +338,7 @@ where
             MissingScope::Passthrough => {
                 return passthrough(
                     &shared,
+                    reporter,
                     inner,
                     parts,
                     RequestBody::streaming(body),
@@ -319,6 +351,7 @@ where
             tracing::debug!(%reason, "caller identity invalid");
             return Ok(problem(
                 &shared,
+                reporter,
                 RequestOutcome::Rejected,
                 Problem::new(ProblemKind::ScopeInvalid),
             ));
@@ -328,9 +361,17 @@ where
     // 3. The whole body, to fingerprint it.
     let bytes = match read_body(body, &parts, &policy).await {
         Ok(bytes) => bytes,
-        Err(rejection) => return Ok(problem(&shared, RequestOutcome::Rejected, rejection)),
+        Err(rejection) => {
+            return Ok(problem(
+                &shared,
+                reporter,
+                RequestOutcome::Rejected,
+                rejection,
+            ));
+        }
     };
     let id = scope.record_id(&key);
+    reporter.id = Some(id);
     let acquire = AcquireRequest {
         id,
         fingerprint: fingerprint(&parts, &bytes, &policy.fingerprint),
@@ -345,7 +386,9 @@ where
     let mut guard = AcquireGuard::new(&shared, &acquire);
     let answer = match acquire_answer(&shared, &acquire, &mut guard).await {
         Ok(answer) => answer,
-        Err(e) => return on_store_error(&shared, inner, parts, bytes, &policy, e).await,
+        Err(e) => {
+            return on_store_error(&shared, reporter, inner, parts, bytes, &policy, e).await;
+        }
     };
     let (answer, waited) = match (answer, policy.concurrency) {
         (Acquire::InFlight { lease_expires_at }, Concurrency::Wait { max }) => {
@@ -361,7 +404,7 @@ where
             {
                 Ok(answer) => (answer, true),
                 // Not fail-open: the duplicate is known to be in flight elsewhere.
-                Err(e) => return Ok(store_error_response(&shared, &e)),
+                Err(e) => return Ok(store_error_response(&shared, reporter, &e)),
             }
         }
         (answer, _) => (answer, false),
@@ -371,23 +414,31 @@ where
     }
     Ok(match answer {
         Acquire::Acquired { .. } => {
-            execute(shared, inner, parts, bytes, acquire, policy, guard).await
+            execute(
+                shared, reporter, inner, parts, bytes, acquire, policy, guard,
+            )
+            .await
         }
         Acquire::Completed(record) => {
-            shared.observer.request(if waited {
-                RequestOutcome::WaitedReplay
-            } else {
-                RequestOutcome::Replayed
-            });
+            reporter.done(
+                &shared,
+                if waited {
+                    RequestOutcome::WaitedReplay
+                } else {
+                    RequestOutcome::Replayed
+                },
+            );
             replay::replay(&record.outcome, &parts.headers, &policy).await
         }
         Acquire::Mismatch => problem(
             &shared,
+            reporter,
             RequestOutcome::Mismatch,
             Problem::new(ProblemKind::KeyReused),
         ),
         Acquire::InFlight { lease_expires_at } => problem(
             &shared,
+            reporter,
             RequestOutcome::Conflict,
             Problem::new(ProblemKind::RequestInFlight)
                 .with_retry_after(retry_after(lease_expires_at, policy.lease)),
@@ -634,7 +685,11 @@ async fn wait_for_outcome(
     }
 }
 
-fn store_error_response(shared: &Shared, error: &StoreError) -> Response<ResponseBody> {
+fn store_error_response(
+    shared: &Shared,
+    reporter: Reporter,
+    error: &StoreError,
+) -> Response<ResponseBody> {
     let p = match error {
         StoreError::Corrupt(reason) => {
             tracing::error!(%reason, "stored record unreadable; request not executed");
@@ -648,11 +703,12 @@ fn store_error_response(shared: &Shared, error: &StoreError) -> Response<Respons
             Problem::new(ProblemKind::StoreUnavailable).with_retry_after(Duration::from_secs(1))
         }
     };
-    problem(shared, RequestOutcome::StoreError, p)
+    problem(shared, reporter, RequestOutcome::StoreError, p)
 }
 
 async fn on_store_error<S, ReqB, ResB>(
     shared: &Arc<Shared>,
+    reporter: Reporter,
     inner: S,
     parts: Parts,
     bytes: Bytes,
@@ -669,6 +725,7 @@ where
         tracing::warn!(%error, "store failed; fail_open executes the request unprotected");
         return passthrough(
             shared,
+            reporter,
             inner,
             parts,
             RequestBody::buffered(bytes),
@@ -676,11 +733,13 @@ where
         )
         .await;
     }
-    Ok(store_error_response(shared, &error))
+    Ok(store_error_response(shared, reporter, &error))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn execute<S, ReqB, ResB>(
     shared: Arc<Shared>,
+    reporter: Reporter,
     inner: S,
     parts: Parts,
     bytes: Bytes,
@@ -719,6 +778,7 @@ where
         token: acquire.token,
         policy,
         respond,
+        reporter,
     }))));
     guard.disarm();
     let response = std::future::poll_fn(|cx| {
