@@ -67,6 +67,7 @@ pub const KEYS: &[&str] = &[
     "client-timeout",
     "max-connections",
     "trusted-proxies",
+    "access-log",
     "admin-listen",
     "admin-token-file",
     "release-statuses",
@@ -305,6 +306,8 @@ pub struct Config {
     pub max_connections: ConnectionLimit,
     /// Peers whose `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// One log line per request (target `idemgate::access`).
+    pub access_log: bool,
     /// The admin listener (`None`: off).
     pub admin_listen: Option<SocketAddr>,
     /// The admin bearer token's file.
@@ -788,6 +791,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         ConnectionLimit::Auto,
         parse_connection_limit,
     );
+    let access_log = p.take("access-log", get("access-log"), false, parse_bool);
     let admin_listen = p.take(
         "admin-listen",
         get("admin-listen"),
@@ -923,6 +927,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         client_timeout,
         max_connections,
         trusted_proxies,
+        access_log,
         admin_listen,
         admin_token_file,
         instances,
@@ -1234,6 +1239,7 @@ impl Config {
                     .collect(),
             ),
         );
+        t.insert("access-log".into(), V::Boolean(self.access_log));
         t.insert(
             "admin-listen".into(),
             s(&self

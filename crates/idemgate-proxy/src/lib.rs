@@ -7,6 +7,7 @@
 //! ([`config`]), with per-route policies ([`routes`]), an admin API ([`admin`]) and Prometheus
 //! metrics ([`metrics`]).
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod client_timeouts;

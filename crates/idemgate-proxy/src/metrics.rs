@@ -278,6 +278,11 @@ impl Metrics {
     }
 }
 
+/// An outcome's name, as in the `outcome` label of `idemgate_requests_total`.
+pub fn outcome_label(o: RequestOutcome) -> &'static str {
+    OUTCOMES[outcome_index(o)]
+}
+
 /// The position of an outcome's label in [`OUTCOMES`].
 fn outcome_index(o: RequestOutcome) -> usize {
     match o {

@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::access_log::{AccessEntry, LoggedBody};
 use crate::admin::{self, AdminState};
 use crate::client_timeouts::{self, Activity, TrackedBody, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
@@ -100,8 +101,9 @@ pub fn route_table(config: &Config) -> Result<Arc<RouteTable>, StartError> {
 
 type Proxy = Idempotency<Forwarder<RequestBody<Incoming>>>;
 
-/// What a client connection's responses are: the layer's, keeping their request in progress.
-type ClientBody = TrackedBody<idemgate::layer::ResponseBody>;
+/// What a client connection's responses are: the layer's, keeping their request in progress
+/// and telling the access log how they ended.
+type ClientBody = LoggedBody<TrackedBody<idemgate::layer::ResponseBody>>;
 
 /// A bound, ready server: its listeners are open and its store is open.
 pub struct Server {
@@ -318,6 +320,7 @@ impl Server {
                     trusted_proxies: trusted_proxies.clone(),
                     drains: drains.clone(),
                     metrics: metrics.clone(),
+                    access_log: config.access_log,
                 };
                 Worker::start(n, proxy, routes.clone(), clients)
             })
@@ -574,6 +577,8 @@ struct ClientSettings {
     drains: watch::Receiver<()>,
     /// Where connections closed for the timeout are counted.
     metrics: Arc<Metrics>,
+    /// `--access-log`.
+    access_log: bool,
 }
 
 /// A thread serving connections on its own single-threaded runtime.
@@ -603,6 +608,7 @@ impl Worker {
             trusted_proxies,
             drains,
             metrics,
+            access_log,
         } = clients;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -630,6 +636,7 @@ impl Worker {
                             routes.clone(),
                             ClientAddr::connected(peer, &trusted_proxies),
                             activity.clone(),
+                            access_log,
                         );
                         let stream =
                             WriteDeadline::new(stream, client_timeout, Some(metrics.clone()));
@@ -705,6 +712,7 @@ fn connection_service(
     routes: Arc<RouteTable>,
     client: ClientAddr,
     activity: Arc<Activity>,
+    access_log: bool,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = http::Response<ClientBody>,
@@ -716,6 +724,11 @@ fn connection_service(
     hyper::service::service_fn(move |request: Request<Incoming>| {
         let in_progress = activity.begin();
         let (mut parts, body) = request.into_parts();
+        let access = access_log.then(|| {
+            let (entry, report) = AccessEntry::start(&parts, client.addr);
+            parts.extensions.insert(report);
+            entry
+        });
         parts.extensions.insert(client.clone());
         if parts.headers.contains_key(IDEMPOTENCY_KEY) && routes.policy_for(&parts).is_some() {
             parts.extensions.insert(MayProtect);
@@ -723,7 +736,12 @@ fn connection_service(
         let mut proxy = proxy.clone();
         async move {
             let r: Result<_, Infallible> = proxy.call(Request::from_parts(parts, body)).await;
-            r.map(|response| response.map(|body| TrackedBody::new(body, in_progress)))
+            r.map(|response| {
+                if let Some(entry) = &access {
+                    entry.status(response.status());
+                }
+                response.map(|body| LoggedBody::new(TrackedBody::new(body, in_progress), access))
+            })
         }
     })
 }
