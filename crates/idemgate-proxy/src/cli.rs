@@ -136,7 +136,7 @@ flags {
     fail_open: "fail-open";
     /// Accept only sf-string keys ("abc"), not bare tokens.
     strict_keys: "strict-keys";
-    /// Log one line per request (target idemgate::access): client, method, path, status,
+    /// One line per request on standard output: arrival time, client, method, path, status,
     /// what idemgate did (outcome), record id, body bytes, duration.
     access_log: "access-log";
 }

@@ -306,7 +306,7 @@ pub struct Config {
     pub max_connections: ConnectionLimit,
     /// Peers whose `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// One log line per request (target `idemgate::access`).
+    /// One line per request on standard output (see `access_log`).
     pub access_log: bool,
     /// The admin listener (`None`: off).
     pub admin_listen: Option<SocketAddr>,

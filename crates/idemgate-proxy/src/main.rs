@@ -19,19 +19,9 @@ fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// Logs at `IDEMGATE_LOG` (default `info`); with `--access-log` the access lines are written
-/// whatever that level, unless `IDEMGATE_LOG` names their target itself.
-fn init_logs(access_log: bool) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("IDEMGATE_LOG")
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IDEMGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let names_access =
-        std::env::var("IDEMGATE_LOG").is_ok_and(|v| v.contains(idemgate_proxy::access_log::TARGET));
-    if access_log
-        && !names_access
-        && let Ok(directive) = format!("{}=info", idemgate_proxy::access_log::TARGET).parse()
-    {
-        filter = filter.add_directive(directive);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -82,6 +72,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(settings) => {
+            init_logs();
+            idemgate_proxy::server::raise_open_files_limit();
             let loaded = match load_settings(&settings) {
                 Ok(l) => l,
                 Err(e) => {
@@ -89,8 +81,6 @@ fn main() -> ExitCode {
                     return exit(EX_USAGE);
                 }
             };
-            init_logs(loaded.config.access_log);
-            idemgate_proxy::server::raise_open_files_limit();
             runtime.block_on(async move {
                 let server = match Server::bind(loaded.config).await {
                     Ok(s) => s,

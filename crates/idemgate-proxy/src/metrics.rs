@@ -67,6 +67,7 @@ pub struct Metrics {
     client_closes: [Counter; 3],
     client_connections: Gauge,
     client_connections_limit: Gauge,
+    access_log_dropped: Counter,
 }
 
 /// The `outcome` label values of `idemgate_requests_total`, in [`outcome_index`] order.
@@ -201,8 +202,15 @@ impl Metrics {
             "Most client connections served at once (--max-connections); more wait in the listen backlog",
             client_connections_limit.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_lines_dropped",
+            "Access log lines dropped because standard output did not take them in time (--access-log)",
+            access_log_dropped.clone(),
+        );
         Metrics {
             registry,
+            access_log_dropped,
             client_closes,
             client_connections,
             client_connections_limit,
@@ -236,6 +244,11 @@ impl Metrics {
             ClientClose::Drained => 2,
         };
         self.client_closes[i].inc();
+    }
+
+    /// An access log line was dropped.
+    pub fn access_log_line_dropped(&self) {
+        self.access_log_dropped.inc();
     }
 
     /// A client connection was accepted (`+1`) or closed (`-1`).

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::access_log::{AccessEntry, LoggedBody};
+use crate::access_log::{AccessEntry, AccessLog, LoggedBody};
 use crate::admin::{self, AdminState};
 use crate::client_timeouts::{self, Activity, TrackedBody, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
@@ -34,6 +34,9 @@ use crate::store::Tracked;
 /// `max_lease_hold` is the hard timeout plus this: renewal stops only after the forwarder has
 /// itself given up on the response head and the body had a moment to finish.
 pub const LEASE_HOLD_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a stopping server waits for the access log's last lines to be written.
+const ACCESS_LOG_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +312,14 @@ impl Server {
         });
 
         let trusted_proxies = TrustedProxies::new(config.trusted_proxies.clone());
+        let access_log = if config.access_log {
+            let log = AccessLog::to_stdout(Some(metrics.clone())).map_err(|e| {
+                StartError::Runtime(format!("cannot start the access log's writer: {e}"))
+            })?;
+            Some(log)
+        } else {
+            None
+        };
         // Asks every worker to close its idle connections while the limit holds clients back.
         let (drain, drains) = watch::channel(());
         let workers = proxies
@@ -320,7 +331,7 @@ impl Server {
                     trusted_proxies: trusted_proxies.clone(),
                     drains: drains.clone(),
                     metrics: metrics.clone(),
-                    access_log: config.access_log,
+                    access_log: access_log.clone(),
                 };
                 Worker::start(n, proxy, routes.clone(), clients)
             })
@@ -431,6 +442,9 @@ impl Server {
         let _ = admin_stop.send(());
         if let Some(task) = admin_task {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        if let Some(log) = access_log {
+            log.close(ACCESS_LOG_CLOSE_WAIT).await;
         }
         drop(layer);
         drop(tracked);
@@ -577,8 +591,8 @@ struct ClientSettings {
     drains: watch::Receiver<()>,
     /// Where connections closed for the timeout are counted.
     metrics: Arc<Metrics>,
-    /// `--access-log`.
-    access_log: bool,
+    /// `--access-log`: where each request's line goes.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// A thread serving connections on its own single-threaded runtime.
@@ -636,7 +650,7 @@ impl Worker {
                             routes.clone(),
                             ClientAddr::connected(peer, &trusted_proxies),
                             activity.clone(),
-                            access_log,
+                            access_log.clone(),
                         );
                         let stream =
                             WriteDeadline::new(stream, client_timeout, Some(metrics.clone()));
@@ -712,7 +726,7 @@ fn connection_service(
     routes: Arc<RouteTable>,
     client: ClientAddr,
     activity: Arc<Activity>,
-    access_log: bool,
+    access_log: Option<Arc<AccessLog>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = http::Response<ClientBody>,
@@ -724,8 +738,8 @@ fn connection_service(
     hyper::service::service_fn(move |request: Request<Incoming>| {
         let in_progress = activity.begin();
         let (mut parts, body) = request.into_parts();
-        let access = access_log.then(|| {
-            let (entry, report) = AccessEntry::start(&parts, client.addr);
+        let access = access_log.as_ref().map(|log| {
+            let (entry, report) = AccessEntry::start(log, &parts, client.addr);
             parts.extensions.insert(report);
             entry
         });

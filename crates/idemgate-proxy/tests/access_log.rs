@@ -1,6 +1,6 @@
-//! Black-box tests of `--access-log`: one line per request, written once the client's response
-//! has ended and the layer has said what it did, naming the record by id and never by key,
-//! credentials or query string.
+//! Black-box tests of `--access-log`: one line per request on standard output, written once the
+//! client's response has ended and the layer has said what it did, naming the record by id and
+//! never by key, credentials or query string.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,18 +13,21 @@ use http::Method;
 use support::{Client, Proxy, Req, Upstream, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The fields of every access line the proxy printed so far, in order.
+/// The fields of every access line the proxy printed so far, in order, its timestamp as `at`.
 fn access_lines(proxy: &Proxy) -> Vec<HashMap<String, String>> {
     proxy
         .log()
         .lines()
-        .filter_map(|line| line.split_once(" idemgate::access: "))
-        .map(|(_, fields)| {
-            fields
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(at, rest)| at.ends_with('Z') && rest.starts_with("client="))
+        .map(|(at, fields)| {
+            let mut line: HashMap<String, String> = fields
                 .split(' ')
                 .filter_map(|field| field.split_once('='))
                 .map(|(name, value)| (name.to_owned(), value.to_owned()))
-                .collect()
+                .collect();
+            line.insert("at".to_owned(), at.to_owned());
+            line
         })
         .collect()
 }
@@ -37,9 +40,6 @@ async fn logging_proxy(upstream: &Upstream, extra: &[&str]) -> (Proxy, Client) {
     let proxy = Proxy::builder(upstream.url())
         .args(["--lease", "1s", "--access-log"])
         .args(extra.iter().copied())
-        // The access lines are written whatever the log level says (the server's own info
-        // lines stay on: the harness reads the listening addresses from them).
-        .env("IDEMGATE_LOG", "warn,idemgate_proxy::server=info")
         .start()
         .await;
     let client = Client::new(proxy.addr());
@@ -121,6 +121,11 @@ async fn each_request_gets_one_line_saying_what_idemgate_did() {
         assert_eq!(line["response"], "complete", "{line:?}");
         assert!(line["client"].starts_with("127.0.0.1:"), "{line:?}");
         assert!(line["duration_ms"].parse::<f64>().is_ok(), "{line:?}");
+        let at = line["at"].as_bytes();
+        assert!(
+            at.len() == 24 && at.starts_with(b"20") && at[10] == b'T' && at[19] == b'.',
+            "an RFC 3339 UTC timestamp with milliseconds: {line:?}"
+        );
     }
     let scoped_id = &lines[0]["record_id"];
     assert!(
@@ -246,5 +251,26 @@ async fn no_access_lines_without_the_flag() {
         access_lines(&proxy).is_empty(),
         "access lines without --access-log:\n{}",
         proxy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_still_queued_at_shutdown_are_written_before_exit() {
+    let up = Upstream::start().await;
+    let (mut proxy, client) = logging_proxy(&up, &[]).await;
+    for key in ["bye-1", "bye-2", "bye-3"] {
+        let r = client.send(Req::post("/orders").key(key)).await;
+        assert_eq!(r.status, 201, "{}", r.summary());
+    }
+    // At once: the writer flushes every 100 ms, so these lines are most likely still queued.
+    proxy.sigterm();
+    let status = proxy.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    // The child is gone; its output pipes may take a moment to be read to their end.
+    let lines = wait_for_lines(&proxy, 3).await;
+    let ids: Vec<&str> = lines.iter().map(|l| l["record_id"].as_str()).collect();
+    assert_eq!(
+        ids,
+        [record_id("bye-1"), record_id("bye-2"), record_id("bye-3")]
     );
 }
