@@ -142,7 +142,8 @@ struct AccessRecord {
     client: SocketAddr,
     method: Method,
     path: Box<str>,
-    status: u16,
+    /// `None`: no response head went out.
+    status: Option<u16>,
     outcome: &'static str,
     record_id: Option<RecordId>,
     body_bytes: u64,
@@ -155,9 +156,16 @@ impl AccessRecord {
         clock.format(self.at, out);
         let _ = write!(
             out,
-            " client={} method={} path={} status={} outcome={} record_id=",
-            self.client, self.method, self.path, self.status, self.outcome,
+            " client={} method={} path={} status=",
+            self.client, self.method, self.path
         );
+        match self.status {
+            Some(status) => {
+                let _ = write!(out, "{status}");
+            }
+            None => out.push('-'),
+        }
+        let _ = write!(out, " outcome={} record_id=", self.outcome);
         let mut hex = [0u8; 64];
         match &self.record_id {
             Some(id) if hex::encode_to_slice(id.0, &mut hex).is_ok() => {
@@ -313,7 +321,7 @@ impl AccessEntry {
             client: self.client,
             method: self.method.clone(),
             path: self.path.clone(),
-            status: state.status.map_or(0, |s| s.as_u16()),
+            status: state.status.map(|s| s.as_u16()),
             outcome: state
                 .outcome
                 .map_or("unreported", |(o, _)| outcome_label(o)),
@@ -433,7 +441,7 @@ mod tests {
             client: "127.0.0.1:4000".parse().unwrap(),
             method: Method::POST,
             path: "/orders".into(),
-            status: 201,
+            status: Some(201),
             outcome: "executed",
             record_id: (n == 0).then_some(RecordId([0xab; 32])),
             body_bytes: n,

@@ -274,3 +274,26 @@ async fn lines_still_queued_at_shutdown_are_written_before_exit() {
         [record_id("bye-1"), record_id("bye-2"), record_id("bye-3")]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_response_head_is_logged_when_its_attempt_is_done() {
+    let up = Upstream::start().await;
+    let (proxy, _client) = logging_proxy(&up, &[]).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(
+            b"POST /orders HTTP/1.1\r\nhost: test\r\nidempotency-key: log-early\r\n\
+              x-test-delay-ms: 500\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || up.executions("log-early") == 1).await);
+    drop(stream);
+
+    let lines = wait_for_lines(&proxy, 1).await;
+    let line = &lines[0];
+    assert_eq!(line["response"], "unfinished", "{line:?}");
+    assert_eq!(line["status"], "-", "no response head went out: {line:?}");
+    assert_eq!(line["outcome"], "executed", "the attempt went on: {line:?}");
+    assert_eq!(line["record_id"], record_id("log-early"));
+}
