@@ -28,8 +28,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
@@ -155,46 +153,6 @@ pub async fn idle(activity: &Activity, timeout: Duration) {
             return;
         }
         sleep.as_mut().reset(next);
-    }
-}
-
-/// A response body that keeps its request in progress while it lives: hyper drops it once its
-/// last frame is written, or with the connection.
-pub struct TrackedBody<B> {
-    body: B,
-    _in_progress: InProgress,
-}
-
-impl<B> TrackedBody<B> {
-    /// `body`, its request in progress while it lives.
-    pub fn new(body: B, in_progress: InProgress) -> Self {
-        TrackedBody {
-            body,
-            _in_progress: in_progress,
-        }
-    }
-}
-
-impl<B> Body for TrackedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

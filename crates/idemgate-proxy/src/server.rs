@@ -22,9 +22,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::access_log::{AccessEntry, AccessLog, LoggedBody};
+use crate::access_log::{AccessEntry, AccessLog};
 use crate::admin::{self, AdminState};
-use crate::client_timeouts::{self, Activity, TrackedBody, WriteDeadline};
+use crate::client_body::ClientBody;
+use crate::client_timeouts::{self, Activity, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
 use crate::metrics::Metrics;
@@ -106,7 +107,7 @@ type Proxy = Idempotency<Forwarder<RequestBody<Incoming>>>;
 
 /// What a client connection's responses are: the layer's, keeping their request in progress
 /// and telling the access log how they ended.
-type ClientBody = LoggedBody<TrackedBody<idemgate::layer::ResponseBody>>;
+type ClientResponseBody = ClientBody<idemgate::layer::ResponseBody>;
 
 /// A bound, ready server: its listeners are open and its store is open.
 pub struct Server {
@@ -729,9 +730,11 @@ fn connection_service(
     access_log: Option<Arc<AccessLog>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = http::Response<ClientBody>,
+    Response = http::Response<ClientResponseBody>,
     Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<ClientBody>, Infallible>> + Send + 'static,
+    Future = impl Future<Output = Result<http::Response<ClientResponseBody>, Infallible>>
+             + Send
+             + 'static,
 > + Clone
 + Send
 + 'static {
@@ -754,7 +757,7 @@ fn connection_service(
                 if let Some(entry) = &access {
                     entry.status(response.status());
                 }
-                response.map(|body| LoggedBody::new(TrackedBody::new(body, in_progress), access))
+                response.map(|body| ClientBody::new(body, in_progress, access))
             })
         }
     })
