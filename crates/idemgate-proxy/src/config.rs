@@ -1401,6 +1401,7 @@ mod tests {
         assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
         assert_eq!(c.defaults.concurrency, Concurrency::Conflict);
         assert!(!c.defaults.require_key);
+        assert!(!c.access_log);
 
         let c = load(&inputs(
             None,
@@ -1451,6 +1452,26 @@ mod tests {
             }
         );
         assert_eq!(c.listen.port(), 0);
+
+        let access = |file: Option<&str>, env: &[(&str, &str)], flags: &[(&'static str, &str)]| {
+            let mut flags = flags.to_vec();
+            flags.push(("upstream", "http://u"));
+            load(&inputs(file, env, &flags)).unwrap().config.access_log
+        };
+        assert!(
+            access(Some("access_log = true"), &[], &[]),
+            "file, snake_case"
+        );
+        assert!(!access(
+            Some("access-log = true"),
+            &[("IDEMGATE_ACCESS_LOG", "false")],
+            &[]
+        ));
+        assert!(access(
+            None,
+            &[("IDEMGATE_ACCESS_LOG", "false")],
+            &[("access-log", "true")]
+        ));
     }
 
     #[test]
