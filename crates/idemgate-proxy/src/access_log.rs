@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{Method, StatusCode, request::Parts};
 use idemgate::observe::{ReportOutcome, RequestOutcome};
@@ -110,13 +110,12 @@ impl AccessLog {
 /// writes it in one go.
 fn write_batches(queue: Receiver<AccessRecord>, mut out: Box<dyn Write + Send>, stop: &AtomicBool) {
     let mut batch = String::with_capacity(64 * 1024);
-    let mut clock = SecondsCache::default();
     loop {
         // Read before draining, so a stop seen here comes after every line sent before it.
         let stopping = stop.load(Ordering::Acquire);
         let disconnected = loop {
             match queue.try_recv() {
-                Ok(record) => record.format(&mut batch, &mut clock),
+                Ok(record) => record.format(&mut batch),
                 Err(TryRecvError::Empty) => break false,
                 Err(TryRecvError::Disconnected) => break true,
             }
@@ -149,12 +148,14 @@ struct AccessRecord {
 }
 
 impl AccessRecord {
-    fn format(&self, out: &mut String, clock: &mut SecondsCache) {
-        clock.format(self.at, out);
+    fn format(&self, out: &mut String) {
         let _ = write!(
             out,
-            " client={} method={} path={} status=",
-            self.client, self.method, self.path
+            "{} client={} method={} path={} status=",
+            humantime::format_rfc3339_millis(self.at),
+            self.client,
+            self.method,
+            self.path
         );
         match self.status {
             Some(status) => {
@@ -180,51 +181,6 @@ impl AccessRecord {
             micros % 1000
         );
     }
-}
-
-/// RFC 3339 UTC timestamps with milliseconds; the date and time of day are worked out once a
-/// second.
-#[derive(Default)]
-struct SecondsCache {
-    second: Option<u64>,
-    prefix: String,
-}
-
-impl SecondsCache {
-    fn format(&mut self, at: SystemTime, out: &mut String) {
-        let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since_epoch.as_secs();
-        if self.second != Some(secs) {
-            self.second = Some(secs);
-            self.prefix.clear();
-            let (year, month, day) = civil_from_days(secs / 86_400);
-            let of_day = secs % 86_400;
-            let _ = write!(
-                self.prefix,
-                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-                of_day / 3600,
-                of_day / 60 % 60,
-                of_day % 60
-            );
-        }
-        out.push_str(&self.prefix);
-        let _ = write!(out, ".{:03}Z", since_epoch.subsec_millis());
-    }
-}
-
-/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// One request's line, filled in as its parts become known.
@@ -345,28 +301,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::sync::Barrier;
+    use std::time::UNIX_EPOCH;
 
     use super::*;
 
     #[test]
-    fn timestamps_are_rfc3339_utc_with_milliseconds() {
-        let at = |secs: u64, millis: u64| {
+    fn lines_start_with_an_rfc3339_utc_timestamp_with_milliseconds() {
+        let line = |secs: u64, millis: u64| {
+            let mut r = record(1);
+            r.at = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis);
             let mut out = String::new();
-            let t = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis);
-            SecondsCache::default().format(t, &mut out);
-            out
+            r.format(&mut out);
+            out.split_once(' ').map(|(at, _)| at.to_owned()).unwrap()
         };
-        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.007Z");
-        assert_eq!(at(1_795_934_113, 923), "2026-11-29T06:35:13.923Z");
-        assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
-        // The cached date is redone when the second changes.
-        let mut clock = SecondsCache::default();
-        let mut out = String::new();
-        clock.format(UNIX_EPOCH + Duration::from_millis(86_399_500), &mut out);
-        out.push(' ');
-        clock.format(UNIX_EPOCH + Duration::from_millis(86_400_500), &mut out);
-        assert_eq!(out, "1970-01-01T23:59:59.500Z 1970-01-02T00:00:00.500Z");
+        assert_eq!(line(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(line(951_782_400, 7), "2000-02-29T00:00:00.007Z");
+        assert_eq!(line(1_795_934_113, 923), "2026-11-29T06:35:13.923Z");
     }
 
     fn record(n: u64) -> AccessRecord {
