@@ -189,13 +189,14 @@ pub struct AccessEntry {
     at: SystemTime,
     started: Instant,
     client: SocketAddr,
-    method: Method,
-    path: Box<str>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
+    /// Moved into the line when it is sent (once).
+    method: Method,
+    path: Box<str>,
     outcome: Option<(RequestOutcome, Option<RecordId>)>,
     status: Option<StatusCode>,
     response: Option<ResponseEnd>,
@@ -224,9 +225,11 @@ impl AccessEntry {
             at: SystemTime::now(),
             started: Instant::now(),
             client,
-            method: parts.method.clone(),
-            path: parts.uri.path().into(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                method: parts.method.clone(),
+                path: parts.uri.path().into(),
+                ..State::default()
+            }),
         });
         let reported = entry.clone();
         let report = ReportOutcome::new(move |outcome, record_id| {
@@ -257,11 +260,11 @@ impl AccessEntry {
         change(&mut state);
         if !state.sent && state.outcome.is_some() && state.response.is_some() {
             state.sent = true;
-            self.send(&state);
+            self.send(&mut state);
         }
     }
 
-    fn send(&self, state: &State) {
+    fn send(&self, state: &mut State) {
         let (body_bytes, response, elapsed) = match state.response {
             Some(end) => (
                 end.body_bytes,
@@ -273,8 +276,8 @@ impl AccessEntry {
         self.log.submit(AccessRecord {
             at: self.at,
             client: self.client,
-            method: self.method.clone(),
-            path: self.path.clone(),
+            method: std::mem::take(&mut state.method),
+            path: std::mem::take(&mut state.path),
             status: state.status.map(|s| s.as_u16()),
             outcome: state
                 .outcome
@@ -289,9 +292,9 @@ impl AccessEntry {
 
 impl Drop for AccessEntry {
     fn drop(&mut self) {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if !state.sent {
-            self.send(&state);
+            self.send(&mut state);
         }
     }
 }
