@@ -12,9 +12,11 @@
 //! - **One table** (default `idemgate_records`) keyed by the record id (`bytea`), with columns
 //!   `state` (1 in flight, 2 completed), `fingerprint`, `token`, `lease_expires_at`, `holder`,
 //!   `origin_token`, `outcome` ([`Outcome::encode`](idemgate::record::Outcome::encode) bytes),
-//!   `outcome_unknown` and `expires_at` (indexed). The schema is created at connect under an
-//!   advisory lock, so several instances may start at once; its version is kept in
-//!   `<table>_schema`. No database is needed to build: statements are plain `sqlx::query`.
+//!   `outcome_unknown`, `expires_at` (indexed) and `watched` (see [wait mode](#wait-mode)). The
+//!   schema is created or upgraded at connect under an advisory lock, so several instances may
+//!   start at once; its version is kept in `<table>_schema`, and with
+//!   [`migrate(false)`](PostgresStoreBuilder::migrate) `connect` refuses a table at another
+//!   version. No database is needed to build: statements are plain `sqlx::query`.
 //! - **One statement per operation**, judged by the database clock (`statement_timestamp()`):
 //!   `acquire` is one `INSERT … ON CONFLICT … DO UPDATE … WHERE …` that also reads the snapshot
 //!   row, implementing `decide_acquire`'s table (a lapsed lease becomes the outcome-unknown
@@ -49,8 +51,14 @@
 //!
 //! # Wait mode
 //!
-//! `complete`, `release`, `delete` and `resolve` send `pg_notify('idemgate', <hex id>)` in the
-//! same statement (delivered at commit). Each store has **one** LISTEN connection, opened
+//! A waiter marks the record's row (`watched`, one `UPDATE` when [`Store::watch`](idemgate::store::Store::watch) is called on
+//! an in-flight record), and `complete`, `release`, `delete` and `resolve` of a marked row send
+//! `pg_notify('idemgate', <hex id>)` in the same statement (delivered at commit). Rows nobody
+//! waits for are changed without a NOTIFY, and that matters for throughput: PostgreSQL
+//! serialises the commits of notifying transactions, WAL flush included, so a NOTIFY per
+//! `complete` would give every fresh request a flush of its own instead of a shared one (in
+//! the transactional mode, the application's transaction too). Each store has **one** LISTEN
+//! connection, opened
 //! before `connect` returns, feeding an in-process [`WatchHub`](idemgate::store::WatchHub);
 //! waiters hold no connection. After the LISTEN connection is lost and re-established every
 //! waiter is woken to re-read its record.

@@ -228,7 +228,8 @@ impl PostgresStoreBuilder {
     }
 
     /// Whether to create or upgrade the table at connect (under an advisory lock, so instances
-    /// starting together are safe). Default on.
+    /// starting together are safe). Default on. Off, `connect` checks that the table is at this
+    /// build's schema version and fails with [`BuildError::Config`] if not.
     pub fn migrate(mut self, on: bool) -> Self {
         self.migrate = on;
         self
@@ -288,6 +289,8 @@ impl PostgresStoreBuilder {
 
         if self.migrate {
             inner.migrate().await?;
+        } else {
+            inner.check_schema_version().await?;
         }
         inner.check_capacity().await?;
 
@@ -423,8 +426,8 @@ impl PostgresStore {
     /// application's own transaction (`&mut *tx`), so the outcome commits atomically with the
     /// application's writes (the transactional exactly-once mode).
     ///
-    /// Same statement, fencing and answer as [`Store::complete`]; the NOTIFY it sends is
-    /// delivered when the transaction commits. The row stays locked until then: a concurrent
+    /// Same statement, fencing and answer as [`Store::complete`]; the NOTIFY it sends (when a
+    /// waiter marked the row) is delivered when the transaction commits. The row stays locked until then: a concurrent
     /// `acquire` that sees the record in flight with a live lease answers `InFlight` at once
     /// (it only reads), but one that finds the lease lapsed tries to write and waits for the
     /// commit (bounded by its `statement_timeout`), then answers from the committed row. Not
@@ -461,7 +464,8 @@ impl PostgresStore {
     /// The stored outcome's origin token is derived from `token`, not `token` itself, so that
     /// no later [`Store::complete`] with the attempt's token can overwrite an outcome that
     /// committed with the application's writes. The row stays locked until the transaction
-    /// ends; the NOTIFY is delivered at commit. See [`crate::transactional`] for the whole
+    /// ends (a waiter marking it waits for that too); the NOTIFY, sent when a waiter marked the
+    /// row, is delivered at commit. See [`crate::transactional`] for the whole
     /// protocol.
     pub async fn settle_in(
         &self,
@@ -630,6 +634,37 @@ impl Inner {
                 MIGRATIONS.len()
             ))),
             Ok(Ok(None)) => Ok(()),
+        }
+    }
+
+    /// Without migrations, the table must already be at this build's schema version: the
+    /// statements use every column of it.
+    async fn check_schema_version(&self) -> Result<(), BuildError> {
+        let versions = self.table.quoted_with("_schema");
+        let read = sqlx::query_scalar::<_, Option<i32>>(AssertSqlSafe(format!(
+            "SELECT max(version) FROM {versions}"
+        )))
+        .fetch_one(&self.pool);
+        let found = match tokio::time::timeout(self.op_timeout, read).await {
+            Err(_) => {
+                return Err(BuildError::Store(StoreError::Timeout {
+                    maybe_applied: false,
+                }));
+            }
+            // 42P01: no version table; the schema was never migrated.
+            Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42P01") => None,
+            Ok(Err(e)) => return Err(BuildError::Store(map_err(e, false))),
+            Ok(Ok(v)) => v,
+        };
+        let wanted = MIGRATIONS.len();
+        match found.and_then(|v| usize::try_from(v).ok()) {
+            Some(v) if v == wanted => Ok(()),
+            found => Err(BuildError::Config(format!(
+                "table {} is at schema version {}, this build needs version {wanted}; connect \
+                 once with migrations on (the default) to upgrade it",
+                self.table.display(),
+                found.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+            ))),
         }
     }
 
@@ -988,8 +1023,16 @@ impl Store for PostgresStore {
             return Ok(Some(Watch::never()));
         }
         // The listener has been LISTENing since construction (and re-reads are forced after a
-        // reconnect with `notify_all`), so registering in the hub is all a subscription needs.
-        Ok(self.inner.hub.watch(id, max_waiters))
+        // reconnect with `notify_all`). Subscribed here first, then the row is marked, so that
+        // the change statement that ends it sends a NOTIFY (see `sql.rs`); the caller re-reads
+        // after this returns, so a change made before the mark is what it finds.
+        let Some(watch) = self.inner.hub.watch(id, max_waiters) else {
+            return Ok(None);
+        };
+        let s = &self.inner;
+        s.fetch(|| Inner::q(&s.sql.mark_watched).bind(&id.0[..]))
+            .await?;
+        Ok(Some(watch))
     }
 
     async fn readiness(&self) -> Result<(), StoreError> {

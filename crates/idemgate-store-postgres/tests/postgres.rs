@@ -473,7 +473,134 @@ async fn concurrent_startup_migrates_once() {
     .fetch_one(s.pool())
     .await
     .unwrap();
-    assert_eq!(v, 1, "one schema version recorded");
+    assert_eq!(v, 2, "each schema version recorded once");
+}
+
+/// The text of schema version 1, as released: tables made by earlier builds look like this.
+const SCHEMA_V1: &str = "CREATE TABLE \"{t}\" ( \
+       id bytea PRIMARY KEY, state smallint NOT NULL, fingerprint bytea NOT NULL, token bytea, \
+       lease_expires_at timestamptz, holder bigint, origin_token bytea, outcome bytea, \
+       outcome_unknown boolean NOT NULL DEFAULT false, expires_at timestamptz); \
+     CREATE INDEX \"{t}_expires_at\" ON \"{t}\" (expires_at); \
+     CREATE TABLE \"{t}_schema\" (version integer PRIMARY KEY, \
+       applied_at timestamptz NOT NULL DEFAULT now()); \
+     INSERT INTO \"{t}_schema\" (version) VALUES (1)";
+
+/// A table of schema version 1 is upgraded in place at connect, keeping its records; without
+/// migrations, connecting to it is refused with a message that says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_table_is_upgraded_and_keeps_its_records() {
+    let url = shared_db();
+    let table = format!("v1_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(SCHEMA_V1.replace("{t}", &table)))
+        .execute(&admin)
+        .await
+        .unwrap();
+    // A record written the way a version-1 build wrote it: every column but `watched`.
+    let (id, a) = (new_id(), Token::random());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO \"{table}\" (id, state, fingerprint, origin_token, outcome, expires_at) \
+         VALUES ($1, 2, $2, $3, $4, now() + interval '1 hour')"
+    )))
+    .bind(&id.0[..])
+    .bind(&[1u8; 32][..])
+    .bind(&a.0[..])
+    .bind(outcome(7).encode())
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    match builder(&url)
+        .table(table.clone())
+        .migrate(false)
+        .connect()
+        .await
+    {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("schema version 1") && msg.contains("needs version 2"),
+                "{msg}"
+            );
+        }
+        Ok(_) => panic!("a version-1 table was used without its migration"),
+    }
+
+    let s = builder(&url).table(table.clone()).connect().await.unwrap();
+    match s.acquire(req(id, Token::random())).await.unwrap() {
+        Acquire::Completed(c) => assert_eq!(c.outcome, outcome(7)),
+        other => panic!("the version-1 record is not replayed: {other:?}"),
+    }
+    let (fresh, b) = (new_id(), Token::random());
+    acquired(&s, req(fresh, b)).await;
+    assert_eq!(
+        s.complete(&fresh, b, &outcome(8), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    // Upgraded once: a second connect (with or without migrations) finds version 2.
+    builder(&url)
+        .table(table.clone())
+        .migrate(false)
+        .connect()
+        .await
+        .unwrap();
+}
+
+async fn first_payload(raw: &mut sqlx::postgres::PgListener) -> String {
+    tokio::time::timeout(Duration::from_secs(5), raw.recv())
+        .await
+        .expect("a notification within 5 s")
+        .unwrap()
+        .payload()
+        .to_owned()
+}
+
+/// A change sends a NOTIFY only when a waiter marked the row: notifying transactions share
+/// one lock across their WAL flush at commit, so a NOTIFY per `complete` would cost every
+/// fresh request a flush of its own. Checked by a plain LISTEN connection on the store's
+/// channel: PostgreSQL delivers notifications in commit order, so the first one it gets after
+/// an unwatched and then a watched change must be the watched one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_changes_a_waiter_marked_are_notified() {
+    let url = shared_db();
+    let table = format!("marked_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let waiter = builder(&url).table(table.clone()).channel(table.clone());
+    let waiter = waiter.connect().await.unwrap();
+    let worker = builder(&url)
+        .table(table.clone())
+        .channel(table.clone())
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    raw.listen(&table).await.unwrap();
+    for change in ["complete", "release", "delete"] {
+        let (quiet, q) = (new_id(), Token::random());
+        let (marked, m) = (new_id(), Token::random());
+        acquired(&worker, req(quiet, q)).await;
+        acquired(&worker, req(marked, m)).await;
+        let mut w = waiter.watch(&marked, 10).await.unwrap().unwrap();
+        for (id, token) in [(quiet, q), (marked, m)] {
+            match change {
+                "complete" => {
+                    worker.complete(&id, token, &outcome(1), TTL).await.unwrap();
+                }
+                "release" => {
+                    worker.release(&id, token).await.unwrap();
+                }
+                _ => {
+                    worker.delete(&id, true).await.unwrap();
+                }
+            }
+        }
+        assert_eq!(
+            first_payload(&mut raw).await,
+            marked.to_hex(),
+            "{change}: the first notification is the marked row's"
+        );
+        fires(&mut w, change).await;
+    }
 }
 
 async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
