@@ -238,6 +238,11 @@ impl AccessEntry {
         (entry, report)
     }
 
+    /// What became of the request, when idemgate answered it before the layer saw it.
+    pub fn outcome(&self, outcome: RequestOutcome) {
+        self.update(|s| s.outcome = Some((outcome, None)));
+    }
+
     /// The response head's status.
     pub fn status(&self, status: StatusCode) {
         self.update(|s| s.status = Some(status));

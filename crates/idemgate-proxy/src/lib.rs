@@ -18,6 +18,7 @@ pub mod forward;
 pub mod keys;
 pub mod metrics;
 pub mod pool;
+pub mod request_head;
 pub mod routes;
 pub mod scope;
 pub mod server;

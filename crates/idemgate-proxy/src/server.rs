@@ -14,7 +14,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use idemgate::IdempotencyLayer;
 use idemgate::key::{IDEMPOTENCY_KEY, KeyRules};
 use idemgate::layer::{Idempotency, RequestBody};
+use idemgate::observe::{Observer as _, RequestOutcome};
 use idemgate::policy::Policy;
+use idemgate::problem::Problem;
 use idemgate::scope::MissingScope;
 use idemgate::store::Store;
 use tokio::net::TcpListener;
@@ -29,6 +31,7 @@ use crate::client_timeouts::{self, Activity, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
 use crate::metrics::Metrics;
+use crate::request_head;
 use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
 use crate::store::Tracked;
 
@@ -636,7 +639,13 @@ impl Worker {
             .spawn(move || {
                 runtime.block_on(async move {
                     let graceful = GracefulShutdown::new();
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .max_buf_size(request_head::PARSER_MAX_BUFFER);
+                    builder
+                        .http2()
+                        .max_header_list_size(request_head::PARSER_MAX_HEADER_LIST);
                     while let Some(Accepted { stream, peer, slot }) = incoming.recv().await {
                         let stream = match tokio::net::TcpStream::from_std(stream) {
                             Ok(s) => s,
@@ -652,6 +661,7 @@ impl Worker {
                             ClientAddr::connected(peer, &trusted_proxies),
                             activity.clone(),
                             access_log.clone(),
+                            metrics.clone(),
                         );
                         let stream =
                             WriteDeadline::new(stream, client_timeout, Some(metrics.clone()));
@@ -728,6 +738,7 @@ fn connection_service(
     client: ClientAddr,
     activity: Arc<Activity>,
     access_log: Option<Arc<AccessLog>>,
+    metrics: Arc<Metrics>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = http::Response<ClientResponseBody>,
@@ -750,15 +761,26 @@ fn connection_service(
         if parts.headers.contains_key(IDEMPOTENCY_KEY) && routes.policy_for(&parts).is_some() {
             parts.extensions.insert(MayProtect);
         }
+        let refused = request_head::refusal(&parts);
+        if refused.is_some() {
+            metrics.request(RequestOutcome::Rejected);
+            if let Some(entry) = &access {
+                entry.outcome(RequestOutcome::Rejected);
+            }
+        }
         let mut proxy = proxy.clone();
         async move {
-            let r: Result<_, Infallible> = proxy.call(Request::from_parts(parts, body)).await;
-            r.map(|response| {
-                if let Some(entry) = &access {
-                    entry.status(response.status());
-                }
-                response.map(|body| ClientBody::new(body, in_progress, access))
-            })
+            let response = match refused {
+                Some(kind) => Problem::new(kind).into_response(),
+                None => match proxy.call(Request::from_parts(parts, body)).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
+            };
+            if let Some(entry) = &access {
+                entry.status(response.status());
+            }
+            Ok(response.map(|body| ClientBody::new(body, in_progress, access)))
         }
     })
 }

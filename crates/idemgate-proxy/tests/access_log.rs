@@ -297,3 +297,82 @@ async fn a_client_gone_before_the_response_head_is_logged_when_its_attempt_is_do
     assert_eq!(line["outcome"], "executed", "the attempt went on: {line:?}");
     assert_eq!(line["record_id"], record_id("log-early"));
 }
+
+/// A head over idemgate's limits (header fields too large, a target too long) is
+/// refused with a problem, never reaches the upstream, and is counted and logged as rejected
+/// like every other refused request; a large head under the limits goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_the_limits_gets_a_problem_and_is_logged() {
+    use idemgate_proxy::request_head::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
+    let up = Upstream::start().await;
+    let (proxy, client) = logging_proxy(&up, &[]).await;
+
+    let big_cookie = "c".repeat(MAX_HEADER_BYTES + 1);
+    let r = client
+        .send(
+            Req::post("/orders")
+                .key("head-1")
+                .header("cookie", &big_cookie),
+        )
+        .await;
+    support::assert_problem(&r, 431, "request-head-too-large");
+
+    // Many fields that are small alone count together.
+    let mut many = Req::new(Method::GET, "/orders");
+    for i in 0..MAX_HEADER_BYTES / 1000 + 1 {
+        many = many.header(&format!("x-h{i}"), &"v".repeat(1000));
+    }
+    support::assert_problem(&client.send(many).await, 431, "request-head-too-large");
+
+    let long = format!("/orders/{}", "a".repeat(MAX_TARGET_BYTES));
+    let r = client.send(Req::new(Method::GET, &long)).await;
+    support::assert_problem(&r, 414, "uri-too-long");
+    assert_eq!(up.total(), 0, "a refused head reached the upstream");
+
+    // Under the limits, a large head is forwarded (and executed once, as always).
+    let cookie = "c".repeat(MAX_HEADER_BYTES / 2);
+    let r = client
+        .send(Req::post("/orders").key("head-2").header("cookie", &cookie))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+    assert_eq!(up.executions("head-2"), 1);
+
+    // The same limits over HTTP/2: hyper's own limit there (16 KiB) no longer comes first.
+    let h2 = Client::new_h2(proxy.addr());
+    let r = h2
+        .send(Req::post("/orders").key("head-3").header("cookie", &cookie))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.summary());
+    let r = h2
+        .send(
+            Req::post("/orders")
+                .key("head-4")
+                .header("cookie", &big_cookie),
+        )
+        .await;
+    support::assert_problem(&r, 431, "request-head-too-large");
+    assert_eq!(up.executions("head-4"), 0);
+
+    let lines = wait_for_lines(&proxy, 4).await;
+    let refused: Vec<(&str, &str)> = lines[..3]
+        .iter()
+        .map(|l| (l["status"].as_str(), l["outcome"].as_str()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("431", "rejected"),
+            ("431", "rejected"),
+            ("414", "rejected")
+        ]
+    );
+    assert_eq!(lines[3]["outcome"], "executed");
+
+    let metrics = Client::new(proxy.admin()).get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("idemgate_requests_total{outcome=\"rejected\"} 4")),
+        "four rejected requests counted:\n{text}"
+    );
+}

@@ -47,6 +47,10 @@ pub enum ProblemKind {
     ResponseNotStored,
     /// The request body is over the limit.
     RequestTooLarge,
+    /// The request's header fields are over the limit (their total size, or their number).
+    RequestHeadTooLarge,
+    /// The request target is over the limit.
+    UriTooLong,
     /// The key was used for a different request.
     KeyReused,
     /// The stored record could not be decoded.
@@ -85,6 +89,8 @@ impl ProblemKind {
             RequestInFlight => "request-in-flight",
             ResponseNotStored => "response-not-stored",
             RequestTooLarge => "request-too-large",
+            RequestHeadTooLarge => "request-head-too-large",
+            UriTooLong => "uri-too-long",
             KeyReused => "key-reused",
             RecordUnreadable => "record-unreadable",
             HandlerFailed => "handler-failed",
@@ -113,6 +119,8 @@ impl ProblemKind {
             RequestInFlight | LeaseLost => StatusCode::CONFLICT,
             ResponseNotStored => StatusCode::GONE,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestHeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            UriTooLong => StatusCode::URI_TOO_LONG,
             KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RecordUnreadable | HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             UpstreamUnreachable | ResponseIncomplete | OutcomeUnknown => StatusCode::BAD_GATEWAY,
@@ -136,6 +144,8 @@ impl ProblemKind {
             RequestInFlight => "A request with this Idempotency-Key is in progress",
             ResponseNotStored => "Original response was too large to store",
             RequestTooLarge => "Request body too large",
+            RequestHeadTooLarge => "Request header fields too large",
+            UriTooLong => "Request target too long",
             KeyReused => "Idempotency-Key reused for a different request",
             RecordUnreadable => "Stored idempotency record unreadable",
             HandlerFailed => "Request handler failed",
@@ -179,6 +189,10 @@ impl ProblemKind {
                 "The original request was executed, but its response was too large to keep for replay. It will not be executed again."
             }
             RequestTooLarge => "The request body exceeds the limit; nothing was executed.",
+            RequestHeadTooLarge => {
+                "The request's header fields exceed the limit; nothing was executed."
+            }
+            UriTooLong => "The request target exceeds the limit; nothing was executed.",
             KeyReused => {
                 "This Idempotency-Key was already used for a different request (method, path or body differ). Use a new key for a new request."
             }
@@ -336,6 +350,8 @@ mod tests {
             RequestInFlight,
             ResponseNotStored,
             RequestTooLarge,
+            RequestHeadTooLarge,
+            UriTooLong,
             KeyReused,
             RecordUnreadable,
             HandlerFailed,

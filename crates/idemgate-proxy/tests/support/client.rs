@@ -148,6 +148,17 @@ impl Client {
         Client { base, inner }
     }
 
+    /// An HTTP/2 (prior knowledge, cleartext) client for `http://<base>`.
+    #[allow(dead_code)]
+    pub fn new_h2(base: SocketAddr) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let inner = HyperClient::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        Client { base, inner }
+    }
+
     /// Sends `req`; panics on transport errors before a response head or after 30 s.
     pub async fn send(&self, req: Req) -> Resp {
         match tokio::time::timeout(REQUEST_TIMEOUT, self.try_send(req.clone())).await {
