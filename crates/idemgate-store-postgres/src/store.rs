@@ -427,10 +427,11 @@ impl PostgresStore {
     /// application's writes (the transactional exactly-once mode).
     ///
     /// Same statement, fencing and answer as [`Store::complete`]; the NOTIFY it sends (when a
-    /// waiter marked the row) is delivered when the transaction commits. The row stays locked until then: a concurrent
-    /// `acquire` that sees the record in flight with a live lease answers `InFlight` at once
-    /// (it only reads), but one that finds the lease lapsed tries to write and waits for the
-    /// commit (bounded by its `statement_timeout`), then answers from the committed row. Not
+    /// waiter marked the row) is delivered when the transaction commits. The row stays locked
+    /// until then: a concurrent `acquire` that sees the record in flight with a live lease
+    /// answers `InFlight` at once (it only reads), but one that finds the lease lapsed tries to
+    /// write and waits for the commit (bounded by its `statement_timeout`), then answers from
+    /// the committed row. Not
     /// retried: a connection error is returned and the caller's transaction is lost anyway.
     pub async fn complete_in(
         &self,

@@ -322,20 +322,27 @@ async fn silent(w: &mut idemgate::store::Watch, what: &str) {
     );
 }
 
+/// Two stores on one new table, each with its own LISTEN connection on the table's channel:
+/// (waiter, worker, table name).
+async fn two_instances(prefix: &str) -> (PostgresStore, PostgresStore, String) {
+    let url = shared_db();
+    let table = format!("{prefix}_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let connect = || {
+        builder(&url)
+            .table(table.clone())
+            .channel(table.clone())
+            .connect()
+    };
+    let waiter = connect().await.unwrap();
+    let worker = connect().await.unwrap();
+    (waiter, worker, table)
+}
+
 /// A waiter on one instance is woken by a completion or release on another: the NOTIFY goes
 /// through PostgreSQL to the waiter's LISTEN connection (no local shortcut can do that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_reaches_waiters_of_another_instance() {
-    let url = shared_db();
-    let table = format!("notify_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let waiter = builder(&url).table(table.clone()).channel(table.clone());
-    let waiter = waiter.connect().await.unwrap();
-    let worker = builder(&url)
-        .table(table.clone())
-        .channel(table)
-        .connect()
-        .await
-        .unwrap();
+    let (waiter, worker, _) = two_instances("notify").await;
 
     let (id, a) = (new_id(), Token::random());
     acquired(&worker, req(id, a)).await;
@@ -563,17 +570,10 @@ async fn first_payload(raw: &mut sqlx::postgres::PgListener) -> String {
 /// an unwatched and then a watched change must be the watched one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_changes_a_waiter_marked_are_notified() {
-    let url = shared_db();
-    let table = format!("marked_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let waiter = builder(&url).table(table.clone()).channel(table.clone());
-    let waiter = waiter.connect().await.unwrap();
-    let worker = builder(&url)
-        .table(table.clone())
-        .channel(table.clone())
-        .connect()
+    let (waiter, worker, table) = two_instances("marked").await;
+    let mut raw = sqlx::postgres::PgListener::connect(&shared_db())
         .await
         .unwrap();
-    let mut raw = sqlx::postgres::PgListener::connect(&url).await.unwrap();
     raw.listen(&table).await.unwrap();
     for change in ["complete", "release", "delete"] {
         let (quiet, q) = (new_id(), Token::random());
