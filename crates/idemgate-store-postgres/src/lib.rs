@@ -51,17 +51,17 @@
 //!
 //! # Wait mode
 //!
-//! A waiter marks the record's row (`watched`, one `UPDATE` when [`Store::watch`](idemgate::store::Store::watch) is called on
-//! an in-flight record), and `complete`, `release`, `delete` and `resolve` of a marked row send
+//! A waiter marks the record's row (`watched`: one `UPDATE` when
+//! [`Store::watch`](idemgate::store::Store::watch) is called on an in-flight record), and
+//! `complete`, `release`, `delete` and `resolve` of a marked row send
 //! `pg_notify('idemgate', <hex id>)` in the same statement (delivered at commit). Rows nobody
 //! waits for are changed without a NOTIFY, and that matters for throughput: PostgreSQL
 //! serialises the commits of notifying transactions, WAL flush included, so a NOTIFY per
 //! `complete` would give every fresh request a flush of its own instead of a shared one (in
 //! the transactional mode, the application's transaction too). Each store has **one** LISTEN
-//! connection, opened
-//! before `connect` returns, feeding an in-process [`WatchHub`](idemgate::store::WatchHub);
-//! waiters hold no connection. After the LISTEN connection is lost and re-established every
-//! waiter is woken to re-read its record.
+//! connection, opened before `connect` returns, feeding an in-process
+//! [`WatchHub`](idemgate::store::WatchHub); waiters hold no connection. After the LISTEN
+//! connection is lost and re-established every waiter is woken to re-read its record.
 //! A LISTEN connection that dies without the socket noticing (a silent network partition)
 //! delivers nothing until TCP gives up; waiters then still re-check at the lease's end (set
 //! `tcp_keepalives_idle` on the server to bound it).
