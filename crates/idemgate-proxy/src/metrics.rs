@@ -41,6 +41,10 @@ pub enum ClientClose {
     WriteStalled,
     /// Idle while `--max-connections` held new clients back: closed to make room.
     Drained,
+    /// The client sent a request head the HTTP parser refused (hyper answered it 400, 414 or
+    /// 431 itself and closed the connection): bytes that are not HTTP, or a head past the
+    /// parser's own limits. No request reached idemgate, so no request series counts it.
+    Malformed,
 }
 
 /// Every metric idemgate exports.
@@ -64,7 +68,7 @@ pub struct Metrics {
     abandoned_finishes: Counter,
     admin_mutations: Family<Labels1, Counter>,
     /// Indexed by [`ClientClose`] order.
-    client_closes: [Counter; 3],
+    client_closes: [Counter; 4],
     client_connections: Gauge,
     client_connections_limit: Gauge,
     access_log_dropped: Counter,
@@ -182,10 +186,10 @@ impl Metrics {
         let client_closes_family = Family::<Labels1, Counter>::default();
         registry.register(
             "client_connections_closed",
-            "Client connections idemgate closed, by reason (idle, write_stalled: --client-timeout; drained: idle while --max-connections held new clients back)",
+            "Client connections idemgate closed, by reason (idle, write_stalled: --client-timeout; drained: idle while --max-connections held new clients back; malformed: a request head the HTTP parser refused)",
             client_closes_family.clone(),
         );
-        let client_closes = ["idle", "write_stalled", "drained"].map(|reason| {
+        let client_closes = ["idle", "write_stalled", "drained", "malformed"].map(|reason| {
             client_closes_family
                 .get_or_create(&[("reason", reason)])
                 .clone()
@@ -242,6 +246,7 @@ impl Metrics {
             ClientClose::Idle => 0,
             ClientClose::WriteStalled => 1,
             ClientClose::Drained => 2,
+            ClientClose::Malformed => 3,
         };
         self.client_closes[i].inc();
     }

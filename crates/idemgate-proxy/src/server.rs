@@ -30,7 +30,7 @@ use crate::client_body::ClientBody;
 use crate::client_timeouts::{self, Activity, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
-use crate::metrics::Metrics;
+use crate::metrics::{ClientClose, Metrics};
 use crate::request_head;
 use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
 use crate::store::Tracked;
@@ -667,9 +667,15 @@ impl Worker {
                             WriteDeadline::new(stream, client_timeout, Some(metrics.clone()));
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
+                        let closes = metrics.clone();
                         let connection = tokio::spawn(async move {
                             let _slot = slot;
                             if let Err(e) = conn.await {
+                                if e.downcast_ref::<hyper::Error>()
+                                    .is_some_and(hyper::Error::is_parse)
+                                {
+                                    closes.client_connection_closed(ClientClose::Malformed);
+                                }
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                         });

@@ -1,7 +1,8 @@
 //! Black-box tests of how the real binary treats client connections: `--client-timeout` closes
 //! those that hold it up (idle, a request head that trickles in, a response nobody reads) and
 //! never one whose request is still in progress; `--max-connections` keeps new ones waiting in
-//! the listen backlog while the limit is reached, and closes idle ones to make room.
+//! the listen backlog while the limit is reached, and closes idle ones to make room; a head the
+//! HTTP parser refuses is counted when its connection closes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -408,4 +409,50 @@ async fn sigterm_at_the_connection_limit_finishes_the_busy_request_and_exits_0()
         .unwrap_or_else(|| panic!("no exit 10 s after SIGTERM; log:\n{}", proxy.log()));
     assert_eq!(status.code(), Some(0), "log:\n{}", proxy.log());
     assert_eq!(up.total(), 1, "the waiting request reached the upstream");
+}
+
+/// A request head the HTTP parser refuses (bytes that are not HTTP, more header lines than it
+/// takes) is answered by hyper itself and never reaches idemgate's service; the connection's
+/// close is what counts it, as `malformed`. A well-formed request on a connection that then
+/// goes away is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_the_parser_refuses_is_counted_as_malformed() {
+    let up = Upstream::start().await;
+    let proxy = proxy(&up).await;
+    assert_eq!(closed_for(&proxy, "malformed").await, 0);
+
+    let mut lines = String::from("GET /orders HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..120 {
+        lines.push_str(&format!("x-h{i}: 1\r\n"));
+    }
+    lines.push_str("\r\n");
+    let refused: [(&[u8], &str); 2] = [
+        (b"NOT HTTP AT ALL\r\n\r\n", "HTTP/1.1 400"),
+        (lines.as_bytes(), "HTTP/1.1 431"),
+    ];
+    for (bytes, status) in refused {
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with(status), "{answer}");
+        read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    }
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while closed_for(&proxy, "malformed").await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The well-formed connection's close has had time to be (wrongly) counted by now too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(closed_for(&proxy, "malformed").await, 2);
 }
