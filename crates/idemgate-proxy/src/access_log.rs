@@ -233,14 +233,15 @@ impl AccessEntry {
         });
         let reported = entry.clone();
         let report = ReportOutcome::new(move |outcome, record_id| {
-            reported.update(|s| s.outcome = Some((outcome, record_id)));
+            reported.outcome(outcome, record_id);
         });
         (entry, report)
     }
 
-    /// What became of the request, when idemgate answered it before the layer saw it.
-    pub fn outcome(&self, outcome: RequestOutcome) {
-        self.update(|s| s.outcome = Some((outcome, None)));
+    /// What became of the request: told by the layer through the [`ReportOutcome`], or by the
+    /// proxy itself when it answered before the layer saw the request.
+    pub fn outcome(&self, outcome: RequestOutcome, record_id: Option<RecordId>) {
+        self.update(|s| s.outcome = Some((outcome, record_id)));
     }
 
     /// The response head's status.

@@ -771,7 +771,7 @@ fn connection_service(
         if refused.is_some() {
             metrics.request(RequestOutcome::Rejected);
             if let Some(entry) = &access {
-                entry.outcome(RequestOutcome::Rejected);
+                entry.outcome(RequestOutcome::Rejected, None);
             }
         }
         let mut proxy = proxy.clone();
