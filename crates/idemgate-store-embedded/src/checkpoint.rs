@@ -31,7 +31,11 @@ pub(crate) fn write(
     txn.set_quick_repair(quick_repair);
     {
         let mut tables = WriteTables::open(&txn).map_err(store_err)?;
-        for (id, state) in states {
+        // In key order, each B-tree leaf is visited in one run instead of at random (the
+        // overlay is a hash map): ~9 % less checkpoint CPU on a young file (BENCHMARKS).
+        let mut in_key_order: Vec<_> = states.iter().collect();
+        in_key_order.sort_unstable_by_key(|(id, _)| id.0);
+        for (id, state) in in_key_order {
             tables.set_state(id, state).map_err(store_err)?;
         }
         let mut meta = txn.open_table(META).map_err(store_err)?;
