@@ -73,6 +73,9 @@ values {
     /// memory | file:PATH | redis://… | rediss://… | redis+cluster://h:p,h:p | postgres://…
     /// [default: file:idemgate.db, or $STATE_DIRECTORY/idemgate.db]
     store: "store";
+    /// Connections the PostgreSQL store keeps in its pool, besides one for wait mode's
+    /// notifications; mind the server's max_connections across instances [default: 10].
+    store_pool_size: "store-pool-size";
     /// Retention of stored outcomes [default: 24h].
     ttl: "ttl";
     /// Lease length, renewed every third [default: 30s].

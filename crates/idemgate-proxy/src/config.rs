@@ -43,6 +43,7 @@ pub const KEYS: &[&str] = &[
     "listen",
     "upstream",
     "store",
+    "store-pool-size",
     "ttl",
     "lease",
     "require-key",
@@ -77,6 +78,10 @@ pub const KEYS: &[&str] = &[
 /// `client-timeout` by default: nginx's keep-alive timeout, above the 60 s idle timeout of common
 /// load balancers, so that the balancer, not idemgate, closes an idle connection first.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// The largest `store-pool-size`: far above what one PostgreSQL server serves well (its
+/// default `max_connections` is 100), low enough to catch a typo.
+pub const MAX_STORE_POOL_SIZE: u32 = 1000;
 
 /// The admin listener's default address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -281,6 +286,9 @@ pub struct Config {
     pub upstream: Uri,
     /// The store.
     pub store: StoreSpec,
+    /// Connections the PostgreSQL store pools (its LISTEN connection for wait mode not
+    /// counted); `None`: the store's default. Other stores take none.
+    pub store_pool_size: Option<u32>,
     /// The global (default-route) settings.
     pub defaults: RouteSettings,
     /// The client's deadline.
@@ -808,6 +816,16 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         base.release_statuses.clone(),
         parse_statuses,
     );
+    let store_pool_size = p.take("store-pool-size", get("store-pool-size"), None, |s| {
+        s.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_STORE_POOL_SIZE).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                format!("`{s}` is not a pool size: use a count from 1 to {MAX_STORE_POOL_SIZE}")
+            })
+    });
     let instances = p.take("instances", get("instances"), 1u32, |s| {
         s.trim()
             .parse::<u32>()
@@ -915,6 +933,7 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
         listen,
         upstream,
         store,
+        store_pool_size,
         defaults,
         upstream_timeout,
         upstream_hard_timeout,
@@ -1169,6 +1188,15 @@ fn warnings(c: &Config) -> Vec<String> {
             ));
         }
     }
+    if let Some(size) = c.store_pool_size
+        && !matches!(c.store, StoreSpec::Postgres(_))
+    {
+        w.push(format!(
+            "store-pool-size {size} is ignored: only the PostgreSQL store pools connections, \
+             and the store is {}",
+            c.store.display()
+        ));
+    }
     let anonymous = std::iter::once(&c.defaults)
         .chain(c.routes.iter().filter(|r| r.protect).map(|r| &r.settings))
         .any(|s| s.on_missing_scope == MissingScope::Anonymous);
@@ -1194,6 +1222,9 @@ impl Config {
         t.insert("listen".into(), s(&self.listen.to_string()));
         t.insert("upstream".into(), s(&self.upstream.to_string()));
         t.insert("store".into(), s(&self.store.display()));
+        if let Some(size) = self.store_pool_size {
+            t.insert("store-pool-size".into(), V::Integer(i64::from(size)));
+        }
         t.insert("scope".into(), s(&self.scope.display()));
         t.insert(
             "trust-scope-header".into(),
@@ -1685,6 +1716,70 @@ mod tests {
             &[],
         ));
         assert!(e.contains("JSON pointer"), "{e}");
+    }
+
+    #[test]
+    fn store_pool_size_is_a_bounded_count_for_the_postgres_store() {
+        let pg = ("store", "postgres://h/db");
+        let c = load(&inputs(None, &[], &[("upstream", "http://u"), pg]))
+            .unwrap()
+            .config;
+        assert_eq!(c.store_pool_size, None);
+        assert!(!c.to_toml().contains("store-pool-size"));
+        // file < env < flag, as for every setting.
+        let file = "store-pool-size = 4";
+        let env = [("IDEMGATE_STORE_POOL_SIZE", "6")];
+        for (file, env, flags, want) in [
+            (Some(file), &[][..], &[("upstream", "http://u"), pg][..], 4),
+            (Some(file), &env[..], &[("upstream", "http://u"), pg][..], 6),
+            (
+                Some(file),
+                &env[..],
+                &[("upstream", "http://u"), pg, ("store-pool-size", "8")][..],
+                8,
+            ),
+        ] {
+            let loaded = load(&inputs(file, env, flags)).unwrap();
+            assert_eq!(loaded.config.store_pool_size, Some(want));
+            assert!(
+                loaded
+                    .config
+                    .to_toml()
+                    .contains(&format!("store-pool-size = {want}"))
+            );
+            assert!(
+                !loaded.warnings.join("\n").contains("store-pool-size"),
+                "{:?}",
+                loaded.warnings
+            );
+        }
+        for bad in ["0", "-1", "1001", "ten", ""] {
+            let e = errors(&inputs(
+                None,
+                &[],
+                &[("upstream", "http://u"), pg, ("store-pool-size", bad)],
+            ));
+            assert!(
+                e.contains("--store-pool-size") && e.contains("a count from 1 to 1000"),
+                "{bad:?}: {e}"
+            );
+        }
+        // Only PostgreSQL pools: elsewhere the setting is said to do nothing.
+        for store in ["memory", "file:/abs/x.db", "redis://h:6379"] {
+            let w = load(&inputs(
+                None,
+                &[],
+                &[
+                    ("upstream", "http://u"),
+                    ("store", store),
+                    ("store-pool-size", "3"),
+                ],
+            ))
+            .unwrap()
+            .warnings
+            .join("\n");
+            assert!(w.contains("store-pool-size 3 is ignored"), "{store}: {w}");
+        }
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl Server {
             }
             None => None,
         };
-        let raw = crate::store::open(&config.store)
+        let raw = crate::store::open(&config.store, config.store_pool_size)
             .await
             .map_err(StartError::Runtime)?;
         let tracked = Arc::new(Tracked::new(raw, Some(metrics.clone())));

@@ -34,13 +34,14 @@ pub fn available(spec: &StoreSpec) -> Result<(), String> {
 const POSTGRES_MISSING: &str =
     "the PostgreSQL store is not available in this build (feature `postgres`)";
 
-/// Opens the store a spec names.
-pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, String> {
+/// Opens the store a spec names; `pool_size` is the PostgreSQL store's (`None`: its default;
+/// other stores take none).
+pub async fn open(spec: &StoreSpec, pool_size: Option<u32>) -> Result<Arc<dyn Store>, String> {
     match spec {
         StoreSpec::Memory => open_memory(),
         StoreSpec::File(path) => open_file(path).await,
         StoreSpec::Redis(url) => open_redis(url).await,
-        StoreSpec::Postgres(url) => open_postgres(url).await,
+        StoreSpec::Postgres(url) => open_postgres(url, pool_size).await,
     }
 }
 
@@ -99,8 +100,12 @@ async fn open_redis(_url: &str) -> Result<Arc<dyn Store>, String> {
 }
 
 #[cfg(feature = "postgres")]
-async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, String> {
-    let store = idemgate_store_postgres::PostgresStore::builder(url)
+async fn open_postgres(url: &str, pool_size: Option<u32>) -> Result<Arc<dyn Store>, String> {
+    let mut builder = idemgate_store_postgres::PostgresStore::builder(url);
+    if let Some(size) = pool_size {
+        builder = builder.max_connections(size);
+    }
+    let store = builder
         .connect()
         .await
         .map_err(|e| format!("postgres store {}: {e}", crate::config::redact(url)))?;
@@ -108,7 +113,7 @@ async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, String> {
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>, String> {
+async fn open_postgres(_url: &str, _pool_size: Option<u32>) -> Result<Arc<dyn Store>, String> {
     Err(POSTGRES_MISSING.into())
 }
 

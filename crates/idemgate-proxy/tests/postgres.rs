@@ -5,7 +5,8 @@
 //!   execute each key once;
 //! - with an upstream that takes three leases and one proxy SIGKILLed mid-call, no key ever
 //!   executes twice: the survivors' keys replay, the dead proxy's keys become outcome-unknown
-//!   once their lease lapses (by the database clock).
+//!   once their lease lapses (by the database clock);
+//! - `--store-pool-size` bounds the connections one proxy opens.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -134,4 +135,60 @@ async fn a_proxy_killed_mid_call_never_lets_a_key_execute_twice() {
     let up = Upstream::start().await;
     let mut ps = proxies(3, &up, &store, LEASE).await;
     support::held::holder_killed_mid_call(&up, &mut ps).await;
+}
+
+/// The server's connections to the database `store` names.
+fn connections_to(store: &str) -> usize {
+    let db = store.rsplit('/').next().expect("a database URL");
+    let n = tokio::task::block_in_place(|| {
+        PostgresServer::shared().psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+                 AND pid <> pg_backend_pid()"
+            ),
+        )
+    });
+    n.trim().parse().expect("a count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_pool_size_bounds_the_connections_a_proxy_opens() {
+    const CALLS: usize = 64;
+    let store = database("proxypool");
+    let up = Upstream::start().await;
+    let p = Proxy::builder(up.url())
+        .store(&store)
+        .args(["--store-pool-size", "2"])
+        .start()
+        .await;
+    let c = Client::new(p.addr());
+
+    // Every call's store operations at once: with the default pool (10) they open most of it.
+    let barrier = Arc::new(tokio::sync::Barrier::new(CALLS));
+    let calls = (0..CALLS).map(|k| {
+        let (c, b) = (c.clone(), barrier.clone());
+        tokio::spawn(async move {
+            b.wait().await;
+            c.send(Req::post("/orders").key(&format!("pool-{k}"))).await
+        })
+    });
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("the calls finished within 30 s");
+    for a in answers {
+        let r = a.expect("the call's task");
+        assert_eq!(r.status, 201, "{}", r.summary());
+    }
+    assert_eq!(up.total(), CALLS as u64, "each key executed once");
+    // Pooled connections stay open while idle: the count is the most the pool ever held, and
+    // one more for wait mode's LISTEN.
+    let open = connections_to(&store);
+    assert!(
+        (1..=3).contains(&open),
+        "{open} connections to the database with --store-pool-size 2"
+    );
 }
