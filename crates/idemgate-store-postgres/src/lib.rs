@@ -16,7 +16,11 @@
 //!   schema is created or upgraded at connect under an advisory lock, so several instances may
 //!   start at once; its version is kept in `<table>_schema`, and with
 //!   [`migrate(false)`](PostgresStoreBuilder::migrate) `connect` refuses a table at another
-//!   version. No database is needed to build: statements are plain `sqlx::query`.
+//!   version. An upgrade that must wait for transactions using the table (`ALTER TABLE` needs
+//!   it to itself, and every later statement on it queues behind the waiting `ALTER`) waits at
+//!   most 0.5 s at a time (`lock_timeout`) and tries again after a 0.5 s pause, ten times,
+//!   before `connect` fails saying so: running instances stall for half a second at most.
+//!   No database is needed to build: statements are plain `sqlx::query`.
 //! - **One statement per operation**, judged by the database clock (`statement_timestamp()`):
 //!   `acquire` is one `INSERT … ON CONFLICT … DO UPDATE … WHERE …` that also reads the snapshot
 //!   row, implementing `decide_acquire`'s table (a lapsed lease becomes the outcome-unknown

@@ -584,6 +584,38 @@ impl Inner {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.migrate_once().await {
+                Err(MigrateError::Locked) if attempt < MIGRATION_ATTEMPTS => {
+                    tracing::info!(
+                        table = %self.table.display(),
+                        attempt,
+                        "postgres store: the table is in use by other transactions; trying its \
+                         schema upgrade again shortly"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(MIGRATION_RETRY_PAUSE).await;
+                }
+                Err(MigrateError::Locked) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "the schema upgrade of table {} to version {} could not lock the table \
+                         in {MIGRATION_ATTEMPTS} tries (each waiting {} ms): other transactions \
+                         kept using it; end them (see pg_stat_activity) or start again once \
+                         they are done",
+                        self.table.display(),
+                        MIGRATIONS.len(),
+                        MIGRATION_LOCK_TIMEOUT.as_millis()
+                    )));
+                }
+                Err(MigrateError::Store(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    /// One try at [`migrate`](Self::migrate), in one transaction.
+    async fn migrate_once(&self) -> Result<(), MigrateError> {
         let t = self.table.quoted();
         let versions = self.table.quoted_with("_schema");
         let run = async {
@@ -594,6 +626,13 @@ impl Inner {
                 "SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, hashtext($1))"
             )))
             .bind(self.table.display())
+            .execute(&mut *tx)
+            .await?;
+            // Set after the advisory lock, for which instances starting together wait in turn.
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                MIGRATION_LOCK_TIMEOUT.as_millis()
+            )))
             .execute(&mut *tx)
             .await?;
             sqlx::query(AssertSqlSafe(format!(
@@ -625,15 +664,16 @@ impl Inner {
             Ok(None)
         };
         match tokio::time::timeout(self.op_timeout * 4, run).await {
-            Err(_) => Err(StoreError::Timeout {
+            Err(_) => Err(MigrateError::Store(StoreError::Timeout {
                 maybe_applied: true,
-            }),
-            Ok(Err(e)) => Err(map_err(e, true)),
-            Ok(Ok(Some(newer))) => Err(StoreError::Corrupt(format!(
+            })),
+            Ok(Err(e)) if is_lock_timeout(&e) => Err(MigrateError::Locked),
+            Ok(Err(e)) => Err(MigrateError::Store(map_err(e, true))),
+            Ok(Ok(Some(newer))) => Err(MigrateError::Store(StoreError::Corrupt(format!(
                 "table {} has schema version {newer}, newer than this build ({}) knows",
                 self.table.display(),
                 MIGRATIONS.len()
-            ))),
+            )))),
             Ok(Ok(None)) => Ok(()),
         }
     }
@@ -1203,6 +1243,32 @@ fn is_rolled_back(e: &sqlx::Error) -> bool {
 
 /// Maps a driver error to the store's typed errors. `sent` says whether the statement may have
 /// reached the server.
+/// How long a schema change waits for its table lock before it gives way and tries again.
+/// `ALTER TABLE` needs the table to itself: while it waits for transactions using the table
+/// (a long one of the transactional mode, say), every later statement on the table queues
+/// behind it, so other instances' requests stall for as long as it waits.
+const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The pause between two tries of a schema change, in which the queued statements run.
+const MIGRATION_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// How many times a schema change tries to lock its table before `connect` gives up.
+const MIGRATION_ATTEMPTS: u32 = 10;
+
+/// Why one try of the schema migration failed.
+enum MigrateError {
+    /// The table's lock was not granted within [`MIGRATION_LOCK_TIMEOUT`]: worth another try.
+    Locked,
+    Store(StoreError),
+}
+
+/// The server gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "55P03")
+}
+
 pub(crate) fn map_err(e: sqlx::Error, sent: bool) -> StoreError {
     match &e {
         sqlx::Error::PoolTimedOut => StoreError::Unavailable(

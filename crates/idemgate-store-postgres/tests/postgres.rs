@@ -554,6 +554,78 @@ async fn a_version_1_table_is_upgraded_and_keeps_its_records() {
         .unwrap();
 }
 
+/// A schema upgrade that must wait for a transaction using the table gives way every half
+/// second instead of holding its place in the lock queue: meanwhile the table stays usable
+/// (without the bound, a reader would queue behind the waiting `ALTER TABLE` until its
+/// statement timeout), and the upgrade goes through once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_upgrade_behind_a_long_transaction_does_not_block_the_table() {
+    use sqlx::Connection as _;
+    let url = shared_db();
+    let table = format!("v1_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(SCHEMA_V1.replace("{t}", &table)))
+        .execute(&admin)
+        .await
+        .unwrap();
+    // A transaction that uses the table and stays open, as a long request of the
+    // transactional mode would.
+    let mut long = admin.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{table}\""
+    )))
+    .execute(&mut *long)
+    .await
+    .unwrap();
+
+    let upgrade = tokio::spawn({
+        let (url, table) = (url.clone(), table.clone());
+        // The production statement timeout: without the lock bound, the waiting upgrade would
+        // hold the reader below up for up to that long.
+        async move {
+            builder(&url)
+                .table(table)
+                .statement_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+        }
+    });
+    // While the upgrade waits, another instance's statements on the table still run.
+    let mut reader = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("SET statement_timeout = '2s'")
+        .execute(&mut reader)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{table}\""
+        )))
+        .execute(&mut reader)
+        .await
+        .expect("the table is usable while its upgrade waits");
+    }
+    assert!(
+        !upgrade.is_finished(),
+        "the upgrade did not wait for the transaction"
+    );
+
+    long.commit().await.unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(10), upgrade)
+        .await
+        .expect("the upgrade went through within 10 s of the transaction's end")
+        .unwrap()
+        .expect("connect after the upgrade");
+    let (id, t) = (new_id(), Token::random());
+    acquired(&s, req(id, t)).await;
+    builder(&url)
+        .table(table.clone())
+        .migrate(false)
+        .connect()
+        .await
+        .expect("the table is at this build's version");
+}
+
 async fn first_payload(raw: &mut sqlx::postgres::PgListener) -> String {
     tokio::time::timeout(Duration::from_secs(5), raw.recv())
         .await
