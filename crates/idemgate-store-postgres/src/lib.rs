@@ -66,9 +66,13 @@
 //! connection, opened before `connect` returns, feeding an in-process
 //! [`WatchHub`](idemgate::store::WatchHub); waiters hold no connection. After the LISTEN
 //! connection is lost and re-established every waiter is woken to re-read its record.
-//! A LISTEN connection that dies without the socket noticing (a silent network partition)
-//! delivers nothing until TCP gives up; waiters then still re-check at the lease's end (set
-//! `tcp_keepalives_idle` on the server to bound it).
+//! A LISTEN connection that has been quiet for
+//! [`listen_check_interval`](PostgresStoreBuilder::listen_check_interval) (default 30 s) runs
+//! `SELECT 1`; one that does not answer within three `acquire_timeout`s is treated as lost.
+//! That finds a connection that died without the socket noticing (a silent network
+//! partition, a NAT or load balancer that dropped it), which would otherwise deliver nothing
+//! and leave waiters to re-check at their lease's end, and its traffic keeps such middleboxes
+//! from counting it idle (their idle timeouts are commonly 4–6 minutes).
 //!
 //! # Failure behaviour
 //!

@@ -3,7 +3,9 @@
 //! Change statements send `pg_notify(channel, hex record id)` in the same statement; this task
 //! turns each notification into [`WatchHub::notify`]. When the connection is lost it
 //! reconnects with backoff and then calls [`WatchHub::notify_all`]: notifications sent while
-//! it was away are gone, so every waiter re-reads its record.
+//! it was away are gone, so every waiter re-reads its record. A connection quiet for the
+//! check interval must answer a `SELECT 1`, or it counts as lost: TCP alone may take many
+//! minutes to notice a peer that vanished without a word.
 
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use crate::store::map_err;
 pub(crate) async fn start(
     opts: PgConnectOptions,
     acquire_timeout: Duration,
+    check_every: Duration,
     channel: String,
     hub: WatchHub,
 ) -> Result<JoinHandle<()>, StoreError> {
@@ -27,6 +30,7 @@ pub(crate) async fn start(
         listener,
         opts,
         acquire_timeout,
+        check_every,
         channel,
         hub,
     )))
@@ -62,15 +66,40 @@ async fn connect(
     }
 }
 
+/// Whether the connection answers a query within `timeout`.
+async fn answers(listener: &mut PgListener, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut *listener)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "postgres store: the LISTEN connection's check failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "postgres store: the LISTEN connection did not answer its check in time"
+            );
+            false
+        }
+    }
+}
+
 async fn run(
     mut listener: PgListener,
     opts: PgConnectOptions,
     acquire_timeout: Duration,
+    check_every: Duration,
     channel: String,
     hub: WatchHub,
 ) {
     loop {
-        match listener.try_recv().await {
+        // Receiving is cancel-safe (sqlx 0.8.1 on), so a quiet spell can end it for a check.
+        let received = match tokio::time::timeout(check_every, listener.try_recv()).await {
+            Ok(received) => received,
+            Err(_) if answers(&mut listener, acquire_timeout * 3).await => continue,
+            Err(_) => Ok(None),
+        };
+        match received {
             Ok(Some(n)) => match RecordId::from_hex(n.payload()) {
                 Some(id) => hub.notify(&id),
                 None => tracing::debug!(

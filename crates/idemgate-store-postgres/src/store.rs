@@ -100,6 +100,7 @@ pub struct PostgresStoreBuilder {
     reaper_interval: Option<Duration>,
     reaper_batch: u32,
     listen: bool,
+    listen_check_interval: Duration,
     migrate: bool,
     holder: Option<Holder>,
 }
@@ -122,6 +123,7 @@ impl PostgresStoreBuilder {
             reaper_interval: Some(Duration::from_secs(60)),
             reaper_batch: 1000,
             listen: true,
+            listen_check_interval: Duration::from_secs(30),
             migrate: true,
             holder: None,
         }
@@ -151,6 +153,16 @@ impl PostgresStoreBuilder {
     /// returns subscriptions that never fire and waiters re-check at the lease's end.
     pub fn listen(mut self, on: bool) -> Self {
         self.listen = on;
+        self
+    }
+
+    /// How long the LISTEN connection may go without traffic before a `SELECT 1` checks it.
+    /// Default 30 s. A check not answered within three `acquire_timeout`s counts as the
+    /// connection lost: it is replaced and every waiter re-reads its record. This finds a
+    /// connection that died silently (a network partition, a NAT or load balancer dropping
+    /// it), and keeps such middleboxes from dropping it for being idle.
+    pub fn listen_check_interval(mut self, d: Duration) -> Self {
+        self.listen_check_interval = d.max(Duration::from_millis(10));
         self
     }
 
@@ -305,6 +317,7 @@ impl PostgresStoreBuilder {
             let l = listener::start(
                 listen_opts,
                 self.acquire_timeout,
+                self.listen_check_interval,
                 inner.channel.clone(),
                 inner.hub.clone(),
             )

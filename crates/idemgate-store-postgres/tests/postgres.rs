@@ -407,6 +407,121 @@ async fn listener_reconnects_and_wakes_waiters_after_restart() {
     assert!(delivered, "notifications flow again after the restart");
 }
 
+/// A TCP relay to PostgreSQL whose connections can be made to go silent: bytes stop flowing
+/// both ways while both sockets stay open, as when a NAT or a load balancer drops a
+/// connection without telling either end. Connections accepted after that relay normally.
+struct SilentRelay {
+    port: u16,
+    silence: tokio::sync::watch::Sender<()>,
+}
+
+impl SilentRelay {
+    async fn start(to_port: u16) -> SilentRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (silence, _) = tokio::sync::watch::channel(());
+        let silenced = silence.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut silenced = silenced.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = silenced.changed() => {
+                            // Holds both sockets open, relaying nothing, until the test ends.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        SilentRelay { port, silence }
+    }
+
+    /// Silences every connection relayed so far.
+    fn silence(&self) {
+        self.silence.send_replace(());
+    }
+}
+
+/// A LISTEN connection that goes silent (no FIN, no RST: TCP would take many minutes to
+/// notice) fails its check once quiet for the check interval and is replaced; every waiter is
+/// woken then, long before its lease's end, and notifications flow on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_listen_connection_is_found_by_its_check_and_replaced() {
+    let url = shared_db();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let relay = SilentRelay::start(PostgresServer::shared().port()).await;
+    let table = format!("silent_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let waiter = builder(&url)
+        .table(table.clone())
+        .channel(table.clone())
+        .listen_url(format!("postgres://postgres@127.0.0.1:{}/{db}", relay.port))
+        .listen_check_interval(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let worker = builder(&url)
+        .table(table.clone())
+        .channel(table)
+        .connect()
+        .await
+        .unwrap();
+    let notified = |(id, t): (RecordId, Token)| {
+        let (waiter, worker) = (&waiter, &worker);
+        async move {
+            acquired(worker, req(id, t)).await;
+            let mut w = waiter.watch(&id, 10).await.unwrap().unwrap();
+            worker.complete(&id, t, &outcome(1), TTL).await.unwrap();
+            fires(&mut w, "complete through the relay").await;
+        }
+    };
+    notified((new_id(), Token::random())).await;
+    // Quiet spells longer than the check interval pass while the connection answers.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    notified((new_id(), Token::random())).await;
+
+    relay.silence();
+    let (id, t) = (new_id(), Token::random());
+    acquired(&worker, req(id, t)).await;
+    let mut w = waiter.watch(&id, 10).await.unwrap().unwrap();
+    worker.complete(&id, t, &outcome(2), TTL).await.unwrap();
+    // The NOTIFY went into the silent connection; the failed check wakes the waiter instead
+    // (interval 0.2 s + three 0.5 s acquire timeouts), well before the lease (60 s) ends.
+    tokio::time::timeout(Duration::from_secs(5), w.changed())
+        .await
+        .expect("the waiter is woken once the silent connection fails its check");
+    // Notifications flow again, on a new connection through the relay.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (k, t) = (new_id(), Token::random());
+        acquired(&worker, req(k, t)).await;
+        let mut wk = waiter.watch(&k, 10).await.unwrap().unwrap();
+        // A wake before the change is the replacement's wake-up call to every waiter: the new
+        // connection may not be listening yet, so try again.
+        let spurious = tokio::time::timeout(Duration::from_millis(300), wk.changed())
+            .await
+            .is_ok();
+        worker.complete(&k, t, &outcome(1), TTL).await.unwrap();
+        if !spurious
+            && tokio::time::timeout(Duration::from_secs(1), wk.changed())
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "notifications flow again after the replacement"
+        );
+    }
+}
+
 /// Expired rows are deleted in batches; the reaper lock lets one instance reap at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaper_deletes_in_batches_under_an_advisory_lock() {
