@@ -1254,8 +1254,6 @@ fn is_rolled_back(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(_))
 }
 
-/// Maps a driver error to the store's typed errors. `sent` says whether the statement may have
-/// reached the server.
 /// How long a schema change waits for its table lock before it gives way and tries again.
 /// `ALTER TABLE` needs the table to itself: while it waits for transactions using the table
 /// (a long one of the transactional mode, say), every later statement on the table queues
@@ -1282,6 +1280,8 @@ fn is_lock_timeout(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "55P03")
 }
 
+/// Maps a driver error to the store's typed errors. `sent` says whether the statement may have
+/// reached the server.
 pub(crate) fn map_err(e: sqlx::Error, sent: bool) -> StoreError {
     match &e {
         sqlx::Error::PoolTimedOut => StoreError::Unavailable(
