@@ -8,6 +8,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::TcpSettings;
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisError, Value};
 
 /// Where the store connects, parsed from a spec string.
@@ -86,6 +87,25 @@ pub(crate) struct ConnOptions<F> {
     pub(crate) response_timeout: Duration,
     /// Set for the wait-mode subscriber: RESP3 and a push sink.
     pub(crate) push: Option<F>,
+    /// How long sent data may go unacknowledged before the kernel gives the connection up
+    /// (see [`tcp_settings`]).
+    pub(crate) dead_connection_timeout: Duration,
+}
+
+/// Keep-alive probes and a bound on unacknowledged data, so that a connection gone dark (a
+/// NAT or load balancer that forgot it, a vanished host: no FIN, no RST) fails with an I/O
+/// error that makes redis-rs reconnect. Without them, every command on it times out while the
+/// kernel retransmits for ~15 minutes: redis-rs does not reconnect on a response timeout. The
+/// probes also keep middleboxes from dropping an idle connection in the first place.
+fn tcp_settings(dead_connection_timeout: Duration) -> TcpSettings {
+    let idle = dead_connection_timeout.max(Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval((idle / 3).max(Duration::from_secs(1)));
+    let settings = TcpSettings::default().set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(dead_connection_timeout);
+    settings
 }
 
 impl Conn {
@@ -95,7 +115,10 @@ impl Conn {
     {
         match target {
             Target::Single(url) => {
-                let mut info = url.as_str().into_connection_info()?;
+                let mut info = url
+                    .as_str()
+                    .into_connection_info()?
+                    .set_tcp_settings(tcp_settings(opts.dead_connection_timeout));
                 if opts.push.is_some() {
                     let settings = info
                         .redis_settings()
@@ -135,6 +158,7 @@ impl Conn {
             }
             Target::Cluster(nodes) => {
                 let mut builder = ClusterClientBuilder::new(nodes.clone())
+                    .tcp_settings(tcp_settings(opts.dead_connection_timeout))
                     .connection_timeout(opts.timeout)
                     .response_timeout(opts.response_timeout)
                     .retries(2)

@@ -42,6 +42,12 @@
 //! - Connections (standalone): one multiplexed connection per calling thread, up to the CPU
 //!   count + 1 (at most 16), opened on first use, so a proxy worker thread's commands are
 //!   driven on its own runtime. Cluster: one cluster connection.
+//! - A connection that goes dark (a NAT or load balancer forgot it, the host vanished: no
+//!   FIN, no RST) is given up by the kernel after
+//!   [`dead_connection_timeout`](RedisStoreBuilder::dead_connection_timeout) (default 10 s) of
+//!   unacknowledged data or unanswered keep-alive probes, and redis-rs reconnects; without
+//!   that bound every command on it would time out for ~15 minutes. The probes, sent after as
+//!   long without traffic, also keep middleboxes from dropping idle connections.
 //! - `complete` on an absent key answers `Stored` without writing: the call carries no
 //!   fingerprint to build a record from (the key was released, deleted by an operator, or
 //!   expired after its holder was gone for longer than lease + retention).
@@ -54,7 +60,8 @@
 //! Cluster, so a message stays on its record's shard). Each store has **one** subscriber
 //! connection (RESP3) that subscribes to a record's channel when a waiter appears, confirms the
 //! subscription before [`watch`](idemgate::store::Store::watch) returns, and after a reconnect
-//! subscribes again and wakes every waiter to re-read its record.
+//! (a dark connection included, found by its keep-alive probes) subscribes again and wakes
+//! every waiter to re-read its record.
 //!
 //! # Deploying on Redis
 //!

@@ -21,6 +21,9 @@ use crate::subscriber::Subscriber;
 /// The default bound on one store operation.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The default of [`RedisStoreBuilder::dead_connection_timeout`].
+pub const DEFAULT_DEAD_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Durations are clamped to this (about 10 years) so that server-side sums of milliseconds stay
 /// exact in Lua's doubles.
 const MAX_DURATION_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
@@ -34,6 +37,7 @@ pub struct RedisStoreBuilder {
     key_prefix: String,
     allow_eviction: bool,
     wait_replicas: Option<(u32, Duration)>,
+    dead_connection_timeout: Duration,
 }
 
 impl RedisStoreBuilder {
@@ -68,6 +72,20 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How long a connection may leave data unacknowledged, or its keep-alive probes
+    /// unanswered, before it is given up and replaced (default 10 s; probes start after as
+    /// long without traffic). A connection that went dark (a NAT or load balancer forgot it,
+    /// the host vanished: no FIN, no RST) then fails over in about this time, where commands
+    /// on it would otherwise time out for ~15 minutes (redis-rs reconnects on I/O errors, not
+    /// on response timeouts); and the probes keep middleboxes from dropping an idle
+    /// connection at all. Set on every connection, the wait-mode subscriber's included
+    /// (`SO_KEEPALIVE`, and `TCP_USER_TIMEOUT` on Linux). Keep it well above the network's
+    /// worst round trip.
+    pub fn dead_connection_timeout(mut self, d: Duration) -> Self {
+        self.dead_connection_timeout = d;
+        self
+    }
+
     /// Parses the spec and connects. Fails with [`StoreError::Unavailable`] on a bad spec or an
     /// unreachable server (within the timeout).
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
@@ -86,6 +104,7 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 response_timeout: self.timeout + self.wait_replicas.map_or(Duration::ZERO, |w| w.1),
                 push: None,
+                dead_connection_timeout: self.dead_connection_timeout,
             },
         );
         let conn = match tokio::time::timeout(self.timeout, open).await {
@@ -102,6 +121,7 @@ impl RedisStoreBuilder {
         let subscriber = Subscriber::new(
             target,
             self.timeout,
+            self.dead_connection_timeout,
             Box::new(move |id: &RecordId| key_name(&prefix, id)),
         );
         let store = RedisStore {
@@ -196,6 +216,7 @@ impl RedisStore {
             key_prefix: "idemgate:".into(),
             allow_eviction: false,
             wait_replicas: None,
+            dead_connection_timeout: DEFAULT_DEAD_CONNECTION_TIMEOUT,
         }
     }
 

@@ -26,6 +26,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub(crate) struct Subscriber {
     target: Target,
     timeout: Duration,
+    dead_connection_timeout: Duration,
     /// Builds a channel name from a record id (the store's key naming).
     channel: Box<dyn Fn(&RecordId) -> String + Send + Sync>,
     hub: WatchHub,
@@ -40,11 +41,13 @@ impl Subscriber {
     pub(crate) fn new(
         target: Target,
         timeout: Duration,
+        dead_connection_timeout: Duration,
         channel: Box<dyn Fn(&RecordId) -> String + Send + Sync>,
     ) -> Arc<Self> {
         Arc::new(Subscriber {
             target,
             timeout,
+            dead_connection_timeout,
             channel,
             hub: WatchHub::new(),
             conn: OnceCell::new(),
@@ -111,6 +114,7 @@ impl Subscriber {
                         push: Some(move |info: PushInfo| {
                             let _ = tx.send(info);
                         }),
+                        dead_connection_timeout: self.dead_connection_timeout,
                     },
                 )
                 .await?;

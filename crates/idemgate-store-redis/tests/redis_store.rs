@@ -949,3 +949,99 @@ async fn readiness_explains_a_missing_config_permission() {
         "{err}"
     );
 }
+
+/// A connection that goes dark (its packets dropped both ways, as when a NAT or load balancer
+/// forgets it: no FIN, no RST) is given up within the dead-connection timeout and replaced,
+/// so the store answers again in seconds instead of after the kernel's retransmissions give
+/// up (~15 minutes). On the current-thread runtime every operation uses one connection, the
+/// one made dark.
+#[tokio::test]
+async fn a_connection_gone_dark_is_replaced() {
+    let srv = RedisServer::builder()
+        .config("maxmemory-policy noeviction")
+        .start();
+    let store = RedisStore::builder(srv.url())
+        .key_prefix(prefix())
+        .timeout(Duration::from_millis(300))
+        .dead_connection_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("connect");
+    let t = Token::random();
+    assert!(matches!(
+        store
+            .acquire(req(id(1), 1, t, Duration::from_secs(30)))
+            .await
+            .unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    let hole = idemgate_store_tests::net::Blackhole::connections_to(srv.port());
+    assert!(!hole.local_ports().is_empty(), "no connection to darken");
+
+    let went_dark = Instant::now();
+    let mut failed = 0;
+    let answered = loop {
+        match store
+            .acquire(req(id(2), 1, Token::random(), Duration::from_secs(30)))
+            .await
+        {
+            Ok(a) => break a,
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    went_dark.elapsed() < Duration::from_secs(15),
+                    "still failing {:?} after the connection went dark: {e}",
+                    went_dark.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(matches!(answered, Acquire::Acquired { .. }), "{answered:?}");
+    assert!(failed > 0, "no operation met the dark connection");
+    // The record from before is intact.
+    assert!(matches!(
+        store.get(&id(1)).await.unwrap(),
+        Some(Record::InFlight(_))
+    ));
+    drop(hole);
+}
+
+/// The wait-mode subscriber's connection gone dark while idle is found by keep-alive probes
+/// and replaced; the resubscription wakes the waiter (the change published meanwhile is lost
+/// with the dark connection) long before its lease's end.
+#[tokio::test]
+async fn a_subscriber_connection_gone_dark_is_replaced_and_wakes_waiters() {
+    let srv = RedisServer::builder()
+        .config("maxmemory-policy noeviction")
+        .start();
+    let p = prefix();
+    let connect = || {
+        RedisStore::builder(srv.url())
+            .key_prefix(&p)
+            .timeout(Duration::from_millis(300))
+            .dead_connection_timeout(Duration::from_secs(2))
+            .connect()
+    };
+    let waiter = connect().await.unwrap();
+    let (k, t) = (id(60), Token::random());
+    assert!(matches!(
+        waiter
+            .acquire(req(k, 1, t, Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    let mut w = waiter.watch(&k, 10).await.unwrap().expect("a watch");
+    let hole = idemgate_store_tests::net::Blackhole::connections_to(srv.port());
+    // Another instance, on connections made after the blackhole, completes the record.
+    let worker = connect().await.unwrap();
+    assert_eq!(
+        worker.complete(&k, t, &response(b"x"), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    tokio::time::timeout(Duration::from_secs(10), w.changed())
+        .await
+        .expect("the waiter is woken once its dark connection is replaced");
+    drop(hole);
+}

@@ -1,5 +1,6 @@
 //! The store conformance suite every idemgate backend runs unchanged, a fault-injecting store
-//! wrapper ([`FaultyStore`]), and throwaway database servers for tests ([`servers`]).
+//! wrapper ([`FaultyStore`]), throwaway database servers for tests ([`servers`]), and
+//! connections made to go dark ([`net::Blackhole`]).
 //!
 //! # Running the suite against a backend
 //!
@@ -47,6 +48,7 @@
 //! Retention cases use a 1 s TTL. Each case takes at most a few seconds.
 
 pub mod faulty;
+pub mod net;
 pub mod servers;
 pub mod suite;
 
