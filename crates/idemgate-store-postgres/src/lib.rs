@@ -82,6 +82,11 @@
 //!   client-side deadline of `acquire_timeout + statement_timeout + 0.5 s` →
 //!   `Timeout { maybe_applied: true }`. A connection lost after the statement was sent is
 //!   `Timeout { maybe_applied: true }`. Nothing hangs.
+//! - A connection whose statement met the client-side deadline is closed, not returned to the
+//!   pool: it may have gone dark (a NAT or load balancer forgot it: no FIN, no RST), and sqlx
+//!   tests a returned connection with a ping that has no bound, which would hold its place in
+//!   the pool for as long as the kernel retransmits (~15 minutes). So a pool whose
+//!   connections all went dark costs a few timed-out operations, then works on new ones.
 //! - Capacity: optional [`max_rows`](PostgresStoreBuilder::max_rows), counted every 5 s (up
 //!   to the bound): at it, `acquire` answers replays and in-flight duplicates as usual but
 //!   refuses new keys with `Full`. A row count rather than a size on disk, because PostgreSQL

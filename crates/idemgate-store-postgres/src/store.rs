@@ -551,31 +551,45 @@ impl Inner {
     /// deadline: every token operation is idempotent, so a repeat answers as the first would.
     async fn fetch(&self, make: impl Fn() -> PgQuery) -> Result<Option<PgRow>, StoreError> {
         let deadline = Instant::now() + self.op_timeout;
+        // One timer for every attempt's waits: they share the deadline.
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         let max_attempts = self.pool.options().get_max_connections() + 2;
         let mut maybe_applied = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let once = async {
-                let mut conn = self.pool.acquire().await.map_err(|e| (e, false))?;
-                match make().fetch_optional(&mut *conn).await {
-                    Ok(r) => Ok(r),
-                    Err(e) => {
-                        if is_connection_error(&e) {
-                            conn.close_on_drop();
+            let failed = match before(expiry.as_mut(), self.pool.acquire()).await {
+                None => None,
+                Some(Err(e)) => Some((e, false)),
+                Some(Ok(mut conn)) => {
+                    match before(expiry.as_mut(), make().fetch_optional(&mut *conn)).await {
+                        None => {
+                            // No answer in time: the connection may have gone dark (a NAT or
+                            // load balancer forgot it: no FIN, no RST). Back in the pool, sqlx
+                            // would first test it with a ping that has no bound, holding its
+                            // place for as long as the kernel retransmits (~15 minutes);
+                            // detached and dropped, it is closed now and its place is free.
+                            drop(conn.detach());
+                            None
                         }
-                        Err((e, true))
+                        Some(Ok(row)) => return Ok(row),
+                        Some(Err(e)) => {
+                            if is_connection_error(&e) {
+                                conn.close_on_drop();
+                            }
+                            Some((e, true))
+                        }
                     }
                 }
             };
-            match tokio::time::timeout_at(deadline, once).await {
-                Err(_) => {
+            match failed {
+                None => {
                     return Err(StoreError::Timeout {
                         maybe_applied: true,
                     });
                 }
-                Ok(Ok(row)) => return Ok(row),
-                Ok(Err((e, sent))) => {
+                Some((e, sent)) => {
                     maybe_applied |= sent && !is_rolled_back(&e);
                     if is_connection_error(&e)
                         && attempt < max_attempts
@@ -1252,6 +1266,18 @@ pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
 /// Errors after which the server has rolled the statement back.
 fn is_rolled_back(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(_))
+}
+
+/// `work`'s output, or `None` once `expiry` has passed.
+async fn before<F: std::future::Future>(
+    expiry: std::pin::Pin<&mut tokio::time::Sleep>,
+    work: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = work => Some(out),
+        () = expiry => None,
+    }
 }
 
 /// How long a schema change waits for its table lock before it gives way and tries again.

@@ -160,6 +160,50 @@ async fn server_killed_mid_use_errors_in_time_and_keeps_committed_outcomes() {
     outage(true).await;
 }
 
+/// Pooled connections that go dark (packets dropped both ways, as when a NAT or load
+/// balancer forgets them: no FIN, no RST) cost bounded failures, not an outage: each
+/// operation on one ends at its deadline and the connection is not used again, so the store
+/// answers on new connections within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_gone_dark_are_replaced() {
+    let mut pg = PostgresServer::start();
+    let url = pg.create_database("dark");
+    let s = builder(&url)
+        .max_connections(3)
+        .listen(false)
+        .connect()
+        .await
+        .unwrap();
+    // Open the whole pool: three operations at once.
+    tokio::join!(
+        acquired(&s, req(new_id(), Token::random())),
+        acquired(&s, req(new_id(), Token::random())),
+        acquired(&s, req(new_id(), Token::random())),
+    );
+    let hole = idemgate_store_tests::net::Blackhole::connections_to(pg.port());
+    assert!(!hole.local_ports().is_empty(), "no connection to darken");
+
+    let went_dark = Instant::now();
+    let mut failed = 0;
+    loop {
+        match s.acquire(req(new_id(), Token::random())).await {
+            Ok(Acquire::Acquired { .. }) => break,
+            Ok(other) => panic!("a new id: {other:?}"),
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    went_dark.elapsed() < Duration::from_secs(20),
+                    "still failing {:?} after the pool's connections went dark: {e}",
+                    went_dark.elapsed()
+                );
+            }
+        }
+    }
+    assert!(failed > 0, "no operation met a dark connection");
+    drop(hole);
+    pg.stop();
+}
+
 /// With every pooled connection taken, an operation waits `acquire_timeout` and fails with
 /// `Unavailable`; it works again once a connection is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
