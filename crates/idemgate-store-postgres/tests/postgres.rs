@@ -652,17 +652,23 @@ const SCHEMA_V1: &str = "CREATE TABLE \"{t}\" ( \
        applied_at timestamptz NOT NULL DEFAULT now()); \
      INSERT INTO \"{t}_schema\" (version) VALUES (1)";
 
+/// A new table as the released version-1 DDL made it (empty), and a pool to reach it.
+async fn version_1_table(url: &str) -> (String, sqlx::PgPool) {
+    let table = format!("v1_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let admin = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(SCHEMA_V1.replace("{t}", &table)))
+        .execute(&admin)
+        .await
+        .unwrap();
+    (table, admin)
+}
+
 /// A table of schema version 1 is upgraded in place at connect, keeping its records; without
 /// migrations, connecting to it is refused with a message that says what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_table_is_upgraded_and_keeps_its_records() {
     let url = shared_db();
-    let table = format!("v1_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let admin = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(SCHEMA_V1.replace("{t}", &table)))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let (table, admin) = version_1_table(&url).await;
     // A record written the way a version-1 build wrote it: every column but `watched`.
     let (id, a) = (new_id(), Token::random());
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -721,12 +727,7 @@ async fn a_version_1_table_is_upgraded_and_keeps_its_records() {
 async fn a_schema_upgrade_behind_a_long_transaction_does_not_block_the_table() {
     use sqlx::Connection as _;
     let url = shared_db();
-    let table = format!("v1_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let admin = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(SCHEMA_V1.replace("{t}", &table)))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let (table, admin) = version_1_table(&url).await;
     // A transaction that uses the table and stays open, as a long request of the
     // transactional mode would.
     let mut long = admin.begin().await.unwrap();
