@@ -13,11 +13,13 @@ use idemgate::store::{
     Acquire, AcquireRequest, Completion, Deletion, LeaseExpiry, Release, Renewal, Resolution,
     Resolved, Store, StoreError, Watch, WatchHub,
 };
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row as _};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection, Postgres, Row as _};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::conns::{Checked, StatementConns};
 use crate::listener;
 use crate::sql::{
     LOCK_MIGRATE, MIGRATIONS, STATE_COMPLETED, STATE_IN_FLIGHT, Statements, TableName,
@@ -166,7 +168,9 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Pool size (ignored with [`PostgresStore::builder_with_pool`]). Default 10.
+    /// Most connections the store's statements use at once (ignored with
+    /// [`PostgresStore::builder_with_pool`]), and the size of [`PostgresStore::pool`].
+    /// Default 10.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(1);
         self
@@ -265,10 +269,18 @@ impl PostgresStoreBuilder {
                 self.channel
             )));
         }
+        let mut own = None;
         let pool = match &self.pool {
             Some(p) => p.clone(),
             None => {
                 let opts = self.connect_options(&self.url)?;
+                own = Some(StatementConns::new(
+                    opts.clone(),
+                    self.max_connections,
+                    self.acquire_timeout,
+                ));
+                // For `pool()` only (an application's transactions): the store's own
+                // statements run on `own`. Lazy, so it opens nothing unless used.
                 PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .acquire_timeout(self.acquire_timeout)
@@ -285,6 +297,7 @@ impl PostgresStoreBuilder {
         let holder = self.holder.unwrap_or_else(default_holder);
         let inner = Arc::new(Inner {
             pool,
+            own,
             table,
             sql,
             channel: self.channel.clone(),
@@ -378,6 +391,9 @@ impl std::fmt::Debug for PostgresStore {
 
 struct Inner {
     pool: PgPool,
+    /// The connections for the store's own statements when it made its pool itself (see
+    /// `conns.rs`); `None` with [`PostgresStore::builder_with_pool`], whose pool serves them.
+    own: Option<Arc<StatementConns>>,
     table: TableName,
     sql: Statements,
     /// NOTIFY channel written by `complete`/`release`/`delete`/`resolve`.
@@ -424,7 +440,10 @@ impl PostgresStore {
         Self::builder(url).connect().await
     }
 
-    /// The connection pool.
+    /// A sqlx pool on the store's database, for an application's own transactions (e.g. the
+    /// transactional mode). With [`builder`](Self::builder) the store's statements do not use
+    /// it (see the crate docs' failure behaviour); with
+    /// [`builder_with_pool`](Self::builder_with_pool) it is the pool given, which they use.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }
@@ -546,6 +565,22 @@ impl Inner {
         sqlx::query(AssertSqlSafe(sql.clone()))
     }
 
+    /// A connection for one of the store's statements: from its own connections, or from the
+    /// pool it was given.
+    async fn conn(&self) -> Result<StoreConn, sqlx::Error> {
+        Ok(match &self.own {
+            Some(own) => StoreConn::Own(own.acquire().await?),
+            None => StoreConn::Pooled(self.pool.acquire().await?),
+        })
+    }
+
+    fn max_connections(&self) -> u32 {
+        match &self.own {
+            Some(own) => own.max(),
+            None => self.pool.options().get_max_connections(),
+        }
+    }
+
     /// Runs one statement with bounded waits. Connection-level failures (a pooled connection
     /// that died with a restarted server) are retried on another connection within the same
     /// deadline: every token operation is idempotent, so a repeat answers as the first would.
@@ -554,29 +589,33 @@ impl Inner {
         // One timer for every attempt's waits: they share the deadline.
         let expiry = tokio::time::sleep_until(deadline);
         tokio::pin!(expiry);
-        let max_attempts = self.pool.options().get_max_connections() + 2;
+        let max_attempts = self.max_connections() + 2;
         let mut maybe_applied = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let failed = match before(expiry.as_mut(), self.pool.acquire()).await {
+            let failed = match before(expiry.as_mut(), self.conn()).await {
                 None => None,
                 Some(Err(e)) => Some((e, false)),
                 Some(Ok(mut conn)) => {
-                    match before(expiry.as_mut(), make().fetch_optional(&mut *conn)).await {
+                    let statement = async { make().fetch_optional(conn.get()?).await };
+                    match before(expiry.as_mut(), statement).await {
                         None => {
                             // No answer in time: the connection may have gone dark (a NAT or
-                            // load balancer forgot it: no FIN, no RST). Back in the pool, sqlx
-                            // would first test it with a ping that has no bound, holding its
-                            // place for as long as the kernel retransmits (~15 minutes);
-                            // detached and dropped, it is closed now and its place is free.
-                            drop(conn.detach());
+                            // load balancer forgot it: no FIN, no RST). It is closed now,
+                            // never pooled again (see `StoreConn::discard`).
+                            conn.discard();
                             None
                         }
-                        Some(Ok(row)) => return Ok(row),
+                        Some(Ok(row)) => {
+                            conn.done();
+                            return Ok(row);
+                        }
                         Some(Err(e)) => {
                             if is_connection_error(&e) {
-                                conn.close_on_drop();
+                                conn.discard();
+                            } else {
+                                conn.done();
                             }
                             Some((e, true))
                         }
@@ -646,7 +685,8 @@ impl Inner {
         let t = self.table.quoted();
         let versions = self.table.quoted_with("_schema");
         let run = async {
-            let mut tx = self.pool.begin().await?;
+            let mut conn = self.conn().await?;
+            let mut tx = conn.get()?.begin().await?;
             // Serialises instances that start together: CREATE … IF NOT EXISTS alone can still
             // fail with a unique violation in the catalog when two run at once.
             sqlx::query(AssertSqlSafe(format!(
@@ -688,6 +728,7 @@ impl Inner {
                 .await?;
             }
             tx.commit().await?;
+            conn.done();
             Ok(None)
         };
         match tokio::time::timeout(self.op_timeout * 4, run).await {
@@ -709,10 +750,21 @@ impl Inner {
     /// statements use every column of it.
     async fn check_schema_version(&self) -> Result<(), BuildError> {
         let versions = self.table.quoted_with("_schema");
-        let read = sqlx::query_scalar::<_, Option<i32>>(AssertSqlSafe(format!(
-            "SELECT max(version) FROM {versions}"
-        )))
-        .fetch_one(&self.pool);
+        let read = async {
+            let mut conn = self.conn().await?;
+            let version = sqlx::query_scalar::<_, Option<i32>>(AssertSqlSafe(format!(
+                "SELECT max(version) FROM {versions}"
+            )))
+            .fetch_one(conn.get()?)
+            .await;
+            // An error from the server (no such table) leaves the connection ready.
+            if version.as_ref().is_err_and(is_connection_error) {
+                conn.discard();
+            } else {
+                conn.done();
+            }
+            version
+        };
         let found = match tokio::time::timeout(self.op_timeout, read).await {
             Err(_) => {
                 return Err(BuildError::Store(StoreError::Timeout {
@@ -1266,6 +1318,41 @@ pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
 /// Errors after which the server has rolled the statement back.
 fn is_rolled_back(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(_))
+}
+
+/// A connection checked out for the store's own work.
+enum StoreConn {
+    Own(Checked),
+    Pooled(PoolConnection<Postgres>),
+}
+
+impl StoreConn {
+    fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        match self {
+            StoreConn::Own(c) => c.conn(),
+            StoreConn::Pooled(c) => Ok(c),
+        }
+    }
+
+    /// After an answer: the connection is ready for the next statement.
+    fn done(self) {
+        match self {
+            StoreConn::Own(c) => c.give_back(),
+            // sqlx's pool tests it (a ping) before pooling it again.
+            StoreConn::Pooled(c) => drop(c),
+        }
+    }
+
+    /// After a lost connection or no answer in time: closed now, never reused. A pooled one
+    /// is detached first: back in sqlx's pool it would be tested with a ping that has no
+    /// bound, holding its place in the pool for as long as the kernel retransmits (~15
+    /// minutes) if it went dark.
+    fn discard(self) {
+        match self {
+            StoreConn::Own(c) => c.discard(),
+            StoreConn::Pooled(c) => drop(c.detach()),
+        }
+    }
 }
 
 /// `work`'s output, or `None` once `expiry` has passed.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use idemgate::record::{Fingerprint, Outcome, Record, RecordId, ResponseHead, Token};
 use idemgate::store::{
-    Acquire, AcquireRequest, Completion, LeaseExpiry, Release, Store, StoreError,
+    Acquire, AcquireRequest, Completion, LeaseExpiry, Release, Renewal, Store, StoreError,
 };
 use idemgate_store_postgres::{PostgresStore, PostgresStoreBuilder};
 use idemgate_store_tests::servers::postgres::PostgresServer;
@@ -204,18 +204,54 @@ async fn pooled_connections_gone_dark_are_replaced() {
     pg.stop();
 }
 
-/// With every pooled connection taken, an operation waits `acquire_timeout` and fails with
-/// `Unavailable`; it works again once a connection is free.
+/// With every connection of the store's taken (two statements waiting on a row that another
+/// transaction holds), an operation waits `acquire_timeout` and fails with `Unavailable`; it
+/// works again once a connection is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_exhaustion_is_a_bounded_wait_then_unavailable() {
     let s = builder(&shared_db())
         .max_connections(2)
         .acquire_timeout(Duration::from_millis(300))
+        .statement_timeout(Duration::from_secs(3))
         .connect()
         .await
         .unwrap();
-    let held1 = s.pool().acquire().await.unwrap();
-    let held2 = s.pool().acquire().await.unwrap();
+    let (id, a) = (new_id(), Token::random());
+    acquired(&s, req(id, a)).await;
+    // `pool()` is not the connections the store's statements run on.
+    let mut tx = s.pool().begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
+        s.table()
+    )))
+    .bind(&id.0[..])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let blocked: Vec<_> = (0..2)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.renew(&id, a, Duration::from_secs(30)).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Other tests share the database: only statements on this store's table count.
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND strpos(query, $1) > 0",
+        )
+        .bind(s.table())
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two statements never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     let t0 = Instant::now();
     let r = s.acquire(req(new_id(), Token::random())).await;
     let took = t0.elapsed();
@@ -224,8 +260,68 @@ async fn pool_exhaustion_is_a_bounded_wait_then_unavailable() {
         took >= Duration::from_millis(250) && took < Duration::from_secs(2),
         "waited {took:?}"
     );
-    drop((held1, held2));
+    tx.commit().await.unwrap();
+    for b in blocked {
+        assert!(matches!(b.await.unwrap(), Ok(Renewal::Renewed { .. })));
+    }
     acquired(&s, req(new_id(), Token::random())).await;
+}
+
+/// The server processes serving the store's own statements in database `db` (its LISTEN
+/// connection is off in the tests that ask).
+async fn store_backends(admin: &sqlx::PgPool, db: &str) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'idemgate' \
+         ORDER BY pid",
+    )
+    .bind(db)
+    .fetch_all(admin)
+    .await
+    .unwrap()
+}
+
+/// A caller that gives up mid-statement (its future dropped, as when a client goes away)
+/// leaves the connection to be brought back to a known state in the background and reused:
+/// closing it would cost a new server process per abandoned request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_abandoned_mid_way_leaves_its_connection_reusable() {
+    let url = PostgresServer::shared().create_unique_database("abandon");
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let s = builder(&url)
+        .max_connections(1)
+        .listen(false)
+        .statement_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let (id, a) = (new_id(), Token::random());
+    acquired(&s, req(id, a)).await;
+    let before = store_backends(&admin, &db).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
+        s.table()
+    )))
+    .bind(&id.0[..])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    // Blocked on the row lock, then given up.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        s.renew(&id, a, Duration::from_secs(30)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the renew was not blocked: {gave_up:?}");
+    tx.commit().await.unwrap();
+
+    // The one connection serves again (after its recovery, which the pool of one waits for),
+    // and it is the same server process.
+    acquired(&s, req(new_id(), Token::random())).await;
+    assert_eq!(store_backends(&admin, &db).await, before);
 }
 
 /// A statement blocked on a row lock ends at `statement_timeout` with
