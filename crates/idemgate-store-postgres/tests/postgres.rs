@@ -204,6 +204,25 @@ async fn pooled_connections_gone_dark_are_replaced() {
     pg.stop();
 }
 
+/// A transaction on `pool` holding record `id`'s row of store `s` (`FOR UPDATE`): statements
+/// changing it wait until it ends.
+async fn lock_row(
+    pool: &sqlx::PgPool,
+    s: &PostgresStore,
+    id: &RecordId,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
+        s.table()
+    )))
+    .bind(&id.0[..])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx
+}
+
 /// With every connection of the store's taken (two statements waiting on a row that another
 /// transaction holds), an operation waits `acquire_timeout` and fails with `Unavailable`; it
 /// works again once a connection is free.
@@ -219,15 +238,7 @@ async fn pool_exhaustion_is_a_bounded_wait_then_unavailable() {
     let (id, a) = (new_id(), Token::random());
     acquired(&s, req(id, a)).await;
     // `pool()` is not the connections the store's statements run on.
-    let mut tx = s.pool().begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
-        s.table()
-    )))
-    .bind(&id.0[..])
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    let tx = lock_row(s.pool(), &s, &id).await;
     let blocked: Vec<_> = (0..2)
         .map(|_| {
             let s = s.clone();
@@ -300,15 +311,7 @@ async fn a_statement_abandoned_mid_way_leaves_its_connection_reusable() {
     let before = store_backends(&admin, &db).await;
     assert_eq!(before.len(), 1, "{before:?}");
 
-    let mut tx = admin.begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
-        s.table()
-    )))
-    .bind(&id.0[..])
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    let tx = lock_row(&admin, &s, &id).await;
     // Blocked on the row lock, then given up.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(300),
@@ -331,15 +334,7 @@ async fn statement_timeout_is_a_typed_timeout() {
     let s = builder(&shared_db()).connect().await.unwrap();
     let (id, a) = (new_id(), Token::random());
     acquired(&s, req(id, a)).await;
-    let mut tx = s.pool().begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
-        s.table()
-    )))
-    .bind(&id.0[..])
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    let tx = lock_row(s.pool(), &s, &id).await;
     let t0 = Instant::now();
     let r = s.complete(&id, a, &outcome(1), TTL).await;
     assert_eq!(
