@@ -284,9 +284,8 @@ impl PostgresStoreBuilder {
                 PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .acquire_timeout(self.acquire_timeout)
-                    // A ping per checkout would double the round trips of every operation;
-                    // a stale connection fails fast instead and the operation (idempotent for
-                    // its token) is retried on another.
+                    // A ping per checkout would add a round trip to every borrowing; a stale
+                    // connection fails fast instead.
                     .test_before_acquire(false)
                     .idle_timeout(Some(Duration::from_secs(60)))
                     .connect_lazy_with(opts)
