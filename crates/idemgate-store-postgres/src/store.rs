@@ -611,11 +611,7 @@ impl Inner {
                             return Ok(row);
                         }
                         Some(Err(e)) => {
-                            if is_connection_error(&e) {
-                                conn.discard();
-                            } else {
-                                conn.done();
-                            }
+                            conn.end_with_error(&e);
                             Some((e, true))
                         }
                     }
@@ -756,11 +752,10 @@ impl Inner {
             )))
             .fetch_one(conn.get()?)
             .await;
-            // An error from the server (no such table) leaves the connection ready.
-            if version.as_ref().is_err_and(is_connection_error) {
-                conn.discard();
-            } else {
-                conn.done();
+            match &version {
+                Ok(_) => conn.done(),
+                // No such table is an answer too.
+                Err(e) => conn.end_with_error(e),
             }
             version
         };
@@ -1339,6 +1334,16 @@ impl StoreConn {
             StoreConn::Own(c) => c.give_back(),
             // sqlx's pool tests it (a ping) before pooling it again.
             StoreConn::Pooled(c) => drop(c),
+        }
+    }
+
+    /// After a statement failed: an error from the server leaves the connection ready for
+    /// the next one; a lost connection is discarded.
+    fn end_with_error(self, e: &sqlx::Error) {
+        if is_connection_error(e) {
+            self.discard();
+        } else {
+            self.done();
         }
     }
 
