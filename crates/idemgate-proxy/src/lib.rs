@@ -17,6 +17,7 @@ pub mod demo;
 pub mod forward;
 pub mod keys;
 pub mod metrics;
+pub mod parser_refusals;
 pub mod pool;
 pub mod request_head;
 pub mod routes;

@@ -1,13 +1,13 @@
 //! Limits on a request's head (its target and header fields), answered with problem responses.
 //!
-//! hyper enforces limits of its own while parsing and answers past them itself, with an empty
-//! body (400, 414 or 431) that no client can tell apart from any other proxy's. idemgate's size
-//! limits sit below hyper's, so a head that is merely too large is parsed and then refused here
-//! with an RFC 9457 problem, counted and logged like every other refused request. Past hyper's
-//! own, larger limits (and for bytes that are not HTTP at all) hyper still answers, and only the
-//! connection's close is counted (`client_connections_closed{reason="malformed"}`). The number
-//! of header lines is left to hyper (at most 100 over HTTP/1.1): raising its limit past that
-//! makes it allocate the parser's header table on the heap for every request.
+//! hyper enforces limits of its own while parsing and answers past them itself, before any
+//! request exists. idemgate's size limits sit below hyper's, so a head that is merely too large
+//! is parsed and then refused here with an RFC 9457 problem, counted and logged like every
+//! other refused request. Past hyper's own, larger limits (and for bytes that are not HTTP at
+//! all) hyper answers, [`crate::parser_refusals`] turns its empty answer into a problem, and
+//! only the connection's close is counted (`client_connections_closed{reason="malformed"}`).
+//! The number of header lines is left to hyper (at most 100 over HTTP/1.1): raising its limit
+//! past that makes it allocate the parser's header table on the heap for every request.
 
 use http::request::Parts;
 use idemgate::problem::ProblemKind;

@@ -31,6 +31,7 @@ use crate::client_timeouts::{self, Activity, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
 use crate::metrics::{ClientClose, Metrics};
+use crate::parser_refusals::{self, RefusalsAsProblems};
 use crate::request_head;
 use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
 use crate::store::Tracked;
@@ -663,8 +664,11 @@ impl Worker {
                             access_log.clone(),
                             metrics.clone(),
                         );
-                        let stream =
-                            WriteDeadline::new(stream, client_timeout, Some(metrics.clone()));
+                        let stream = RefusalsAsProblems::new(WriteDeadline::new(
+                            stream,
+                            client_timeout,
+                            Some(metrics.clone()),
+                        ));
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         let closes = metrics.clone();
@@ -786,6 +790,8 @@ fn connection_service(
             if let Some(entry) = &access {
                 entry.status(response.status());
             }
+            let mut response = response;
+            parser_refusals::keep_distinguishable(&mut response);
             Ok(response.map(|body| ClientBody::new(body, in_progress, access)))
         }
     })

@@ -10,6 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::fault::{Fault, FaultUpstream};
 use support::{Proxy, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -411,12 +412,13 @@ async fn sigterm_at_the_connection_limit_finishes_the_busy_request_and_exits_0()
     assert_eq!(up.total(), 1, "the waiting request reached the upstream");
 }
 
-/// A request head the HTTP parser refuses (bytes that are not HTTP, more header lines than it
-/// takes) is answered by hyper itself and never reaches idemgate's service; the connection's
-/// close is what counts it, as `malformed`. A well-formed request on a connection that then
-/// goes away is not.
+/// A request head the HTTP parser refuses (bytes that are not HTTP, a malformed target or
+/// `Content-Length`, more header lines than it takes) never reaches idemgate's service or the
+/// upstream; it is answered with a problem document (not the parser's own empty answer) and
+/// the connection closed, and the close is what counts it, as `malformed`. A well-formed
+/// request on a connection that then goes away is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_head_the_parser_refuses_is_counted_as_malformed() {
+async fn a_head_the_parser_refuses_gets_a_problem_and_is_counted_as_malformed() {
     let up = Upstream::start().await;
     let proxy = proxy(&up).await;
     assert_eq!(closed_for(&proxy, "malformed").await, 0);
@@ -426,19 +428,51 @@ async fn a_head_the_parser_refuses_is_counted_as_malformed() {
         lines.push_str(&format!("x-h{i}: 1\r\n"));
     }
     lines.push_str("\r\n");
-    let refused: [(&[u8], &str); 2] = [
-        (b"NOT HTTP AT ALL\r\n\r\n", "HTTP/1.1 400"),
-        (lines.as_bytes(), "HTTP/1.1 431"),
+    let refused: [(&[u8], u16, &str); 4] = [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed-request"),
+        (lines.as_bytes(), 431, "request-head-too-large"),
+        (
+            b"POST /or ders HTTP/1.1\r\nHost: a\r\nIdempotency-Key: \"p-1\"\r\n\r\n",
+            400,
+            "malformed-request",
+        ),
+        (
+            b"POST /orders HTTP/1.1\r\nHost: a\r\nIdempotency-Key: \"p-2\"\r\nContent-Length: 2x\r\n\r\n{}",
+            400,
+            "malformed-request",
+        ),
     ];
-    for (bytes, status) in refused {
+    for (bytes, status, slug) in refused {
         let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
         stream.write_all(bytes).await.unwrap();
-        let mut answer = vec![0u8; 4096];
-        let n = stream.read(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        assert!(answer.starts_with(status), "{answer}");
-        read_until_closed(&mut stream, Duration::from_secs(5)).await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete head: {answer}"));
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        let fields: Vec<String> = head.lines().skip(1).map(str::to_ascii_lowercase).collect();
+        for field in [
+            "content-type: application/problem+json",
+            "connection: close",
+            &format!("content-length: {}", body.len()),
+        ] {
+            assert!(fields.iter().any(|f| f == field), "{field}: {answer}");
+        }
+        let problem: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert_eq!(problem["status"], status, "{answer}");
+        assert_eq!(
+            problem["type"],
+            format!("https://idemgate.dev/problems/{slug}"),
+            "{answer}"
+        );
     }
+    assert_eq!(up.total(), 0, "a refused head reached the upstream");
     let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
     stream
         .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -449,10 +483,38 @@ async fn a_head_the_parser_refuses_is_counted_as_malformed() {
     drop(stream);
 
     let deadline = Instant::now() + Duration::from_secs(5);
-    while closed_for(&proxy, "malformed").await < 2 && Instant::now() < deadline {
+    while closed_for(&proxy, "malformed").await < 4 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The well-formed connection's close has had time to be (wrongly) counted by now too.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(closed_for(&proxy, "malformed").await, 2);
+    assert_eq!(closed_for(&proxy, "malformed").await, 4);
+}
+
+/// An upstream's own answer that looks like the parser's (an empty 400, the client asking to
+/// close) reaches the client as the upstream gave it, not rewritten into a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_empty_400_is_not_taken_for_a_parser_refusal() {
+    let up = FaultUpstream::start(Fault::Answer(
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+    ))
+    .await;
+    let proxy = Proxy::builder(up.url()).start().await;
+    for request in [
+        &b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"[..],
+        b"POST /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\nIdempotency-Key: \"e-1\"\r\nContent-Length: 2\r\n\r\n{}",
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n"), "a body was added: {answer}");
+        assert!(!answer.contains("problem+json"), "{answer}");
+    }
+    assert_eq!(up.requests(), 2);
 }

@@ -51,6 +51,8 @@ pub enum ProblemKind {
     RequestHeadTooLarge,
     /// The request target is over the limit.
     UriTooLong,
+    /// The request is not valid HTTP (its request line, a header field, or its framing).
+    MalformedRequest,
     /// The key was used for a different request.
     KeyReused,
     /// The stored record could not be decoded.
@@ -91,6 +93,7 @@ impl ProblemKind {
             RequestTooLarge => "request-too-large",
             RequestHeadTooLarge => "request-head-too-large",
             UriTooLong => "uri-too-long",
+            MalformedRequest => "malformed-request",
             KeyReused => "key-reused",
             RecordUnreadable => "record-unreadable",
             HandlerFailed => "handler-failed",
@@ -114,7 +117,8 @@ impl ProblemKind {
             | KeyRepeated
             | ScopeMissing
             | ScopeInvalid
-            | RequestBodyIncomplete => StatusCode::BAD_REQUEST,
+            | RequestBodyIncomplete
+            | MalformedRequest => StatusCode::BAD_REQUEST,
             RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             RequestInFlight | LeaseLost => StatusCode::CONFLICT,
             ResponseNotStored => StatusCode::GONE,
@@ -146,6 +150,7 @@ impl ProblemKind {
             RequestTooLarge => "Request body too large",
             RequestHeadTooLarge => "Request header fields too large",
             UriTooLong => "Request target too long",
+            MalformedRequest => "Malformed request",
             KeyReused => "Idempotency-Key reused for a different request",
             RecordUnreadable => "Stored idempotency record unreadable",
             HandlerFailed => "Request handler failed",
@@ -193,6 +198,9 @@ impl ProblemKind {
                 "The request's header fields exceed the limit; nothing was executed."
             }
             UriTooLong => "The request target exceeds the limit; nothing was executed.",
+            MalformedRequest => {
+                "The request is not valid HTTP (its request line, a header field, or its Content-Length or Transfer-Encoding); nothing was executed."
+            }
             KeyReused => {
                 "This Idempotency-Key was already used for a different request (method, path or body differ). Use a new key for a new request."
             }
@@ -352,6 +360,7 @@ mod tests {
             RequestTooLarge,
             RequestHeadTooLarge,
             UriTooLong,
+            MalformedRequest,
             KeyReused,
             RecordUnreadable,
             HandlerFailed,

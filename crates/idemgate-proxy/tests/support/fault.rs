@@ -21,6 +21,8 @@ pub enum Fault {
     HeadThenReset,
     /// Read the request and answer 200 with a JSON body after the delay.
     AnswerAfter(Duration),
+    /// Read each request and answer it with these bytes, as they are.
+    Answer(&'static [u8]),
 }
 
 /// A loopback address nothing listens on (the port was bound, then released).
@@ -110,6 +112,11 @@ async fn serve(mut stream: TcpStream, fault: Fault, requests: Arc<AtomicUsize>) 
                 let _ = stream.set_zero_linger();
                 drop(stream);
                 return;
+            }
+            Fault::Answer(bytes) => {
+                if stream.write_all(bytes).await.is_err() {
+                    return;
+                }
             }
             Fault::AnswerAfter(delay) => {
                 tokio::time::sleep(delay).await;
