@@ -916,6 +916,65 @@ async fn cluster_node_killed_and_restarted() {
     }
 }
 
+/// A Cluster node's connection gone dark (no FIN, no RST) is given up within the
+/// dead-connection timeout and replaced, as a standalone server's is: the keys on that node
+/// answer again in seconds, the other nodes' keys answer throughout, and no record is lost.
+#[tokio::test]
+async fn a_cluster_node_connection_gone_dark_is_replaced() {
+    let c = RedisCluster::start(3);
+    let store = RedisStore::builder(c.url())
+        .key_prefix(prefix())
+        .timeout(Duration::from_millis(300))
+        .dead_connection_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("connect");
+    let ids: Vec<RecordId> = (120..132).map(id).collect();
+    for k in &ids {
+        let t = Token::random();
+        store.acquire(req(*k, 1, t, LEASE)).await.unwrap();
+        store.complete(k, t, &response(b"kept"), TTL).await.unwrap();
+    }
+    let hole = idemgate_store_tests::net::Blackhole::connections_to(c.ports()[0]);
+    assert!(!hole.local_ports().is_empty(), "no connection to darken");
+
+    let went_dark = Instant::now();
+    let mut failed = 0;
+    let mut ever_failed = std::collections::HashSet::new();
+    let mut pending = ids.clone();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for k in pending {
+            match store.acquire(req(k, 1, Token::random(), LEASE)).await {
+                Ok(Acquire::Completed(done)) => assert_eq!(done.outcome, response(b"kept")),
+                Ok(other) => panic!("a completed record answered {other:?}"),
+                Err(e) => {
+                    failed += 1;
+                    ever_failed.insert(k);
+                    assert!(
+                        went_dark.elapsed() < Duration::from_secs(15),
+                        "still failing {:?} after the connection went dark: {e}",
+                        went_dark.elapsed()
+                    );
+                    still.push(k);
+                }
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(failed > 0, "no operation met the dark connection");
+    assert!(
+        ever_failed.len() < ids.len(),
+        "the other nodes' keys failed too: {} of {}",
+        ever_failed.len(),
+        ids.len()
+    );
+    drop(hole);
+}
+
 #[tokio::test]
 async fn readiness_checks_every_cluster_master() {
     let c = RedisCluster::start(3);
