@@ -9,11 +9,11 @@
 //! line and date.
 //!
 //! hyper writes it as one buffer of a fixed shape: the status line, then exactly
-//! `connection: close`, `content-length: 0` and `date`. A response of the service could only
-//! have that shape without a `Date` of its own and with an empty body, which
-//! [`keep_distinguishable`] rules out, so the rewrite never touches an upstream's answer. Anything else passes through
-//! untouched; were a hyper upgrade to change the shape, clients would get hyper's empty
-//! answer again, and the black-box tests say so.
+//! `connection: close` (not over HTTP/1.0), `content-length: 0` and `date`. A response of the
+//! service could only have that shape without a `Date` of its own and with an empty body,
+//! which [`keep_distinguishable`] rules out, so the rewrite never touches an upstream's
+//! answer. Anything else passes through untouched; were a hyper upgrade to change the shape,
+//! clients would get hyper's empty answer again, and the black-box tests say so.
 //!
 //! HTTP/2 is not concerned: there, a stream hyper refuses is reset, not answered.
 
@@ -25,44 +25,55 @@ use http::{HeaderValue, Response, StatusCode, header};
 use idemgate::problem::{Problem, ProblemKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The status lines hyper answers parse errors with, and the problem each stands for.
+/// The statuses hyper answers parse errors with (after `HTTP/1.x `), and the problem each
+/// stands for.
 const REFUSALS: [(&[u8], ProblemKind); 3] = [
+    (b"400 Bad Request\r\n", ProblemKind::MalformedRequest),
+    (b"414 URI Too Long\r\n", ProblemKind::UriTooLong),
     (
-        b"HTTP/1.1 400 Bad Request\r\n",
-        ProblemKind::MalformedRequest,
-    ),
-    (b"HTTP/1.1 414 URI Too Long\r\n", ProblemKind::UriTooLong),
-    (
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        b"431 Request Header Fields Too Large\r\n",
         ProblemKind::RequestHeadTooLarge,
     ),
 ];
-/// What follows the status line in hyper's answer, up to the date's value.
-const FIELDS: &[u8] = b"connection: close\r\ncontent-length: 0\r\ndate: ";
+const VERSION_LEN: usize = b"HTTP/1.1 ".len();
+/// Over HTTP/1.1 hyper asks to close; over HTTP/1.0 (after a keep-alive request of that
+/// version on the connection) closing goes without saying.
+const CLOSE: &[u8] = b"connection: close\r\n";
+/// What follows, up to the date's value.
+const LENGTH_AND_DATE: &[u8] = b"content-length: 0\r\ndate: ";
 /// An IMF-fixdate, as hyper writes it: `Tue, 08 Dec 2026 02:46:17 GMT`.
 const DATE_LEN: usize = 29;
 const END: &[u8] = b"\r\n\r\n";
 /// No answer of hyper's to a parse error is longer (431's status line is the longest); a
 /// longer write is never looked into.
-const LONGEST: usize = REFUSALS[2].0.len() + FIELDS.len() + DATE_LEN + END.len();
+const LONGEST: usize =
+    VERSION_LEN + REFUSALS[2].0.len() + CLOSE.len() + LENGTH_AND_DATE.len() + DATE_LEN + END.len();
 
 /// The problem response that replaces `written`, if `written` is hyper's whole answer to a
 /// request it could not parse.
 fn replacement(written: &[u8]) -> Option<Vec<u8>> {
-    if written.len() > LONGEST || !written.starts_with(b"HTTP/1.1 4") {
+    if written.len() > LONGEST || written.len() < VERSION_LEN {
         return None;
     }
-    let (status_line, kind) = REFUSALS
-        .iter()
-        .find(|(line, _)| written.starts_with(line))?;
-    let fields = written[status_line.len()..].strip_prefix(FIELDS)?;
-    let date = fields.strip_suffix(END)?;
+    let (version, rest) = written.split_at(VERSION_LEN);
+    if version != b"HTTP/1.1 " && version != b"HTTP/1.0 " {
+        return None;
+    }
+    let (status_line, kind) = REFUSALS.iter().find(|(line, _)| rest.starts_with(line))?;
+    let fields = &rest[status_line.len()..];
+    let fields = if version == b"HTTP/1.1 " {
+        fields.strip_prefix(CLOSE)?
+    } else {
+        fields
+    };
+    let date = fields.strip_prefix(LENGTH_AND_DATE)?.strip_suffix(END)?;
     if date.len() != DATE_LEN || !date.ends_with(b" GMT") || !date.is_ascii() {
         return None;
     }
     let problem: Response<bytes::Bytes> = Problem::new(*kind).into_response();
     let body = problem.body();
     let mut answer = Vec::with_capacity(LONGEST + 128 + body.len());
+    answer.extend_from_slice(version);
     answer.extend_from_slice(status_line);
     for (name, value) in problem.headers() {
         answer.extend_from_slice(name.as_str().as_bytes());
@@ -70,7 +81,8 @@ fn replacement(written: &[u8]) -> Option<Vec<u8>> {
         answer.extend_from_slice(value.as_bytes());
         answer.extend_from_slice(b"\r\n");
     }
-    answer.extend_from_slice(b"connection: close\r\ncontent-length: ");
+    answer.extend_from_slice(CLOSE);
+    answer.extend_from_slice(b"content-length: ");
     answer.extend_from_slice(body.len().to_string().as_bytes());
     answer.extend_from_slice(b"\r\ndate: ");
     answer.extend_from_slice(date);
@@ -205,9 +217,14 @@ mod tests {
 
     const DATE: &str = "Tue, 08 Dec 2026 02:46:17 GMT";
 
+    /// hyper's answer to a parse error: over HTTP/1.1 it asks to close, over HTTP/1.0 not.
     fn hypers_answer(status_line: &str) -> Vec<u8> {
-        format!("{status_line}\r\nconnection: close\r\ncontent-length: 0\r\ndate: {DATE}\r\n\r\n")
-            .into_bytes()
+        let close = if status_line.starts_with("HTTP/1.1") {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
+        format!("{status_line}\r\n{close}content-length: 0\r\ndate: {DATE}\r\n\r\n").into_bytes()
     }
 
     fn parsed(answer: &[u8]) -> (String, serde_json::Value) {
@@ -230,6 +247,8 @@ mod tests {
                 431,
                 "request-head-too-large",
             ),
+            // After an HTTP/1.0 keep-alive request on the same connection.
+            ("HTTP/1.0 400 Bad Request", 400, "malformed-request"),
         ] {
             let answer = replacement(&hypers_answer(status_line))
                 .unwrap_or_else(|| panic!("{status_line} not recognised"));
@@ -259,8 +278,9 @@ mod tests {
     #[test]
     fn anything_else_is_left_alone() {
         let others: Vec<Vec<u8>> = vec![
-            // Another status, another field, a body, a field order hyper gives a response of
-            // the service (its own fields first), an HTTP/1.0 answer, a cut-off date.
+            // Another status, another field, a body, field orders hyper gives a response of
+            // the service (its own fields first, `Date` among them), HTTP/1.0 with a close,
+            // a cut-off date.
             hypers_answer("HTTP/1.1 404 Not Found"),
             hypers_answer("HTTP/1.1 400 Bad Request")
                 .iter()
@@ -270,6 +290,9 @@ mod tests {
             format!("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\ndate: {DATE}\r\n\r\n").into_bytes(),
             format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\nserver: x\r\ncontent-length: 0\r\ndate: {DATE}\r\n\r\n").into_bytes(),
             format!("HTTP/1.0 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {DATE}\r\n\r\n").into_bytes(),
+            format!("HTTP/1.0 400 Bad Request\r\ndate: {DATE}\r\ncontent-length: 0\r\n\r\n").into_bytes(),
+            format!("HTTP/1.1 400 Bad Request\r\ndate: {DATE}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n").into_bytes(),
+            format!("HTTP/2.0 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {DATE}\r\n\r\n").into_bytes(),
             b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue\r\n\r\n".to_vec(),
             b"HTTP/1.1 400".to_vec(),
             Vec::new(),

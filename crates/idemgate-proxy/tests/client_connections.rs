@@ -473,6 +473,27 @@ async fn a_head_the_parser_refuses_gets_a_problem_and_is_counted_as_malformed() 
         );
     }
     assert_eq!(up.total(), 0, "a refused head reached the upstream");
+
+    // After an HTTP/1.0 keep-alive request, hyper answers a bad head in HTTP/1.0.
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /orders HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.0 201"), "{head}");
+    stream.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 400 "), "{answer}");
+    assert!(
+        answer.contains("https://idemgate.dev/problems/malformed-request"),
+        "{answer}"
+    );
     let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
     stream
         .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -483,16 +504,17 @@ async fn a_head_the_parser_refuses_gets_a_problem_and_is_counted_as_malformed() 
     drop(stream);
 
     let deadline = Instant::now() + Duration::from_secs(5);
-    while closed_for(&proxy, "malformed").await < 4 && Instant::now() < deadline {
+    while closed_for(&proxy, "malformed").await < 5 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The well-formed connection's close has had time to be (wrongly) counted by now too.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(closed_for(&proxy, "malformed").await, 4);
+    assert_eq!(closed_for(&proxy, "malformed").await, 5);
 }
 
-/// An upstream's own answer that looks like the parser's (an empty 400, the client asking to
-/// close) reaches the client as the upstream gave it, not rewritten into a problem.
+/// An upstream's own answer that looks like the parser's (an empty 400 to a client asking to
+/// close, or to an HTTP/1.0 client) reaches the client as the upstream gave it, not rewritten
+/// into a problem.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstreams_empty_400_is_not_taken_for_a_parser_refusal() {
     let up = FaultUpstream::start(Fault::Answer(
@@ -502,6 +524,7 @@ async fn an_upstreams_empty_400_is_not_taken_for_a_parser_refusal() {
     let proxy = Proxy::builder(up.url()).start().await;
     for request in [
         &b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"[..],
+        b"GET /orders HTTP/1.0\r\n\r\n",
         b"POST /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\nIdempotency-Key: \"e-1\"\r\nContent-Length: 2\r\n\r\n{}",
     ] {
         let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
@@ -512,9 +535,10 @@ async fn an_upstreams_empty_400_is_not_taken_for_a_parser_refusal() {
             .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
             .unwrap();
         let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.starts_with("HTTP/1."), "{answer}");
+        assert!(answer[8..].starts_with(" 400 "), "{answer}");
         assert!(answer.ends_with("\r\n\r\n"), "a body was added: {answer}");
         assert!(!answer.contains("problem+json"), "{answer}");
     }
-    assert_eq!(up.requests(), 2);
+    assert_eq!(up.requests(), 3);
 }
