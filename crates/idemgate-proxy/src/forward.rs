@@ -11,6 +11,7 @@
 //! | connect refused / timed out, DNS, TLS; HTTP/2 `REFUSED_STREAM`, `GOAWAY` below the stream (and, HTTP/2 only, a request canceled before its stream opened) | 502 `upstream-unreachable` | [`OutcomeHint::NotSent`] (key released) |
 //! | sent, then reset / EOF before the response head (also on a reused connection) | 502 `outcome-unknown` | [`OutcomeHint::NoResponse`] |
 //! | no response head by the hard timeout | 504 `outcome-unknown` | [`OutcomeHint::NoResponse`] |
+//! | the client's own request body failed while it streamed through (malformed chunking, the client gone mid-body): unprotected requests only | 400 `request-body-incomplete` | [`OutcomeHint::NotSent`] |
 //!
 //! A body that fails after the head is the layer's business (it stores `response-incomplete`).
 
@@ -427,12 +428,43 @@ pub enum Failure {
     NotSent,
     /// The request was (maybe) sent; no response head came back.
     NoResponse,
+    /// The client's request body failed while it was being sent (it was malformed, or the
+    /// client stopped sending it): the upstream never received a whole request.
+    ClientBody,
+}
+
+/// Whether `error` (or one of its causes) is hyper failing a request because the body it was
+/// sending failed: an error of the client's request, not of the upstream.
+fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        // HTTP/1: hyper's only user error with a cause is the body's own error (`User::Body`).
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_user() && std::error::Error::source(h).is_some())
+        {
+            return true;
+        }
+        // HTTP/2: hyper resets the stream itself when the body fails, and the request then
+        // fails with that reset, not the body's error. Its only other resets of a request
+        // stream are when the caller drops the response future (which is then not polled to
+        // see it) and CONNECT, which is not proxied.
+        if e.downcast_ref::<h2::Error>()
+            .is_some_and(|h| h.is_reset() && !h.is_remote() && !h.is_library())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Classifies a client error (SPEC §6). `http2_only`: every connection speaks HTTP/2.
 pub fn classify(error: &hyper_util::client::legacy::Error, http2_only: bool) -> Failure {
     if error.is_connect() {
         return Failure::NotSent;
+    }
+    if client_body_failed(error) {
+        return Failure::ClientBody;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
@@ -499,7 +531,8 @@ where
 {
     let (mut parts, body) = request.into_parts();
     let client = parts.extensions.remove::<ClientAddr>();
-    let timeout = if parts.extensions.get::<MayProtect>().is_some() {
+    let may_protect = parts.extensions.get::<MayProtect>().is_some();
+    let timeout = if may_protect {
         shared.hard_timeout
     } else {
         shared.soft_timeout
@@ -524,8 +557,9 @@ where
     let sending = async {
         match &shared.connections {
             Connections::Plain(pool) => pool.send(request).await.map_err(|e| {
-                let failure = match e {
+                let failure = match &e {
                     PoolError::Connect(_) => Failure::NotSent,
+                    PoolError::Sent(e) if client_body_failed(e) => Failure::ClientBody,
                     PoolError::Sent(_) => Failure::NoResponse,
                 };
                 (failure, error_chain(&e))
@@ -549,6 +583,20 @@ where
             strip_hop_by_hop(&mut parts.headers, false);
             Response::from_parts(parts, Either::Left(body))
         }
+        Ok(Err((Failure::ClientBody, error))) if !may_protect => {
+            // Only a request streamed through can meet it: a protected one's body is read
+            // whole, and checked, before anything is forwarded.
+            observe(UpstreamResult::ClientBodyFailed);
+            tracing::debug!(%error, "the client's request body failed while it was forwarded");
+            let mut r: Response<Full<Bytes>> = Problem::new(ProblemKind::RequestBodyIncomplete)
+                .with_detail(
+                    "The request body failed part-way (it was malformed, or stopped arriving) \
+                     while it was forwarded; the upstream did not receive a complete request.",
+                )
+                .into_response();
+            r.extensions_mut().insert(OutcomeHint::NotSent);
+            r.map(Either::Right)
+        }
         Ok(Err((failure, error))) => match failure {
             Failure::NotSent => {
                 observe(UpstreamResult::Unreachable);
@@ -559,7 +607,9 @@ where
                     OutcomeHint::NotSent,
                 )
             }
-            Failure::NoResponse => {
+            // Were a protected request's body to fail (it cannot), what the upstream made of
+            // the part it got is unknown.
+            Failure::NoResponse | Failure::ClientBody => {
                 observe(UpstreamResult::NoResponse);
                 tracing::warn!(%error, "upstream sent no response head; outcome unknown");
                 problem(

@@ -30,6 +30,8 @@ pub enum UpstreamResult {
     NoResponse,
     /// No head in time.
     Timeout,
+    /// The client's request body failed while it was being sent (a request streamed through).
+    ClientBodyFailed,
 }
 
 /// Why idemgate closed a client connection (`--client-timeout`).
@@ -98,7 +100,13 @@ const OPS: [StoreOp; 4] = [
 ];
 
 /// The `result` label values of the upstream histogram, in [`UpstreamResult`] order.
-const UPSTREAM_RESULTS: [&str; 4] = ["response", "unreachable", "no_response", "timeout"];
+const UPSTREAM_RESULTS: [&str; 5] = [
+    "response",
+    "unreachable",
+    "no_response",
+    "timeout",
+    "client_body_failed",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -279,6 +287,7 @@ impl Metrics {
             UpstreamResult::Unreachable => 1,
             UpstreamResult::NoResponse => 2,
             UpstreamResult::Timeout => 3,
+            UpstreamResult::ClientBodyFailed => 4,
         };
         self.upstream[i].observe(elapsed.as_secs_f64());
     }

@@ -485,6 +485,47 @@ async fn truncated_request_body_is_never_forwarded() {
     assert_eq!(up.executions("trunc-1"), 1);
 }
 
+/// An unprotected request streams through; when its own body fails on the way (malformed
+/// chunking here), that is the client's error, not the upstream's: a 400 problem, counted as
+/// `client_body_failed` rather than as an upstream that sent no response (which would have
+/// told the client "outcome unknown, contact the operator" and flagged the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_request_body_that_fails_is_the_clients_error() {
+    let up = Upstream::start().await;
+    let (proxy, _client) = proxy_for(&up.url(), &[]).await;
+    let head = "POST /orders HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                transfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n\r\n";
+    let answer = raw_exchange(
+        proxy.addr(),
+        head.as_bytes(),
+        false,
+        Some("}"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.contains("https://idemgate.dev/problems/request-body-incomplete"),
+        "{answer}"
+    );
+
+    let admin = Client::new(proxy.admin());
+    let metrics = admin.get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    let count = |result: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "idemgate_upstream_duration_seconds_count{{result=\"{result}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {result} count:\n{text}"))
+    };
+    assert_eq!(count("client_body_failed"), 1, "{text}");
+    assert_eq!(count("no_response"), 0, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_keeps_header_order_and_drops_set_cookie() {
     let up = Upstream::start().await;
