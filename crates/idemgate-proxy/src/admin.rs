@@ -12,12 +12,16 @@
 //! | `POST /purge-expired` | 200 `{"purged":n}` |
 //!
 //! When a token is configured, every route but `/healthz` and `/readyz` needs
-//! `Authorization: Bearer <token>`. Errors are `{"error": "..."}`.
+//! `Authorization: Bearer <token>`. Every error is `{"error": "..."}`, also an unknown route,
+//! a wrong method, a bad query or a body over the limit. A `resolve` response is held to what
+//! idemgate would replay: a final status (200–599), valid header fields, none of those it
+//! never stores (`content-length`, hop-by-hop fields, `date`, `set-cookie`, …).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -54,6 +58,13 @@ pub fn router(state: AdminState) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .merge(protected)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
         .with_state(state)
 }
 
@@ -210,11 +221,15 @@ struct DeleteQuery {
 async fn delete(
     State(state): State<AdminState>,
     Path(id): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    query: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(r) => return *r,
+    };
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(e.status(), e.body_text()),
     };
     match state.store.delete(&id, q.force).await {
         Ok(Deletion::Deleted) => {
@@ -247,10 +262,18 @@ enum ResolveBody {
     },
 }
 
-async fn resolve(State(state): State<AdminState>, Path(id): Path<String>, body: Bytes) -> Response {
+async fn resolve(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(r) => return *r,
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return error(e.status(), e.body_text()),
     };
     let parsed: ResolveBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -271,8 +294,12 @@ async fn resolve(State(state): State<AdminState>, Path(id): Path<String>, body: 
             body,
             ttl,
         } => {
-            if !(100..=999).contains(&status) {
-                return error(StatusCode::BAD_REQUEST, "status must be 100..=999");
+            // A replay is a final response: hyper refuses to send a 1xx as one.
+            if !(200..=599).contains(&status) {
+                return error(StatusCode::BAD_REQUEST, "status must be 200..=599");
+            }
+            if let Err(refused) = replayable_headers(&headers) {
+                return error(StatusCode::BAD_REQUEST, refused);
             }
             let ttl = match ttl.as_deref().map(crate::units::parse_duration) {
                 None => Duration::from_secs(24 * 3600),
@@ -313,6 +340,26 @@ async fn resolve(State(state): State<AdminState>, Path(id): Path<String>, body: 
     }
 }
 
+/// Refuses a header field a replay could not send or idemgate never replays (a replay skips
+/// the first kind silently, so the operator would not learn of it otherwise).
+fn replayable_headers(headers: &[(String, String)]) -> Result<(), String> {
+    for (name, value) in headers {
+        let parsed = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a valid header name"))?;
+        if http::HeaderValue::from_bytes(value.as_bytes()).is_err() {
+            return Err(format!("the value of {name:?} is not a valid header value"));
+        }
+        if idemgate::layer::never_replayed(parsed.as_str()) {
+            return Err(format!(
+                "idemgate never replays {:?}: it describes one connection or moment, is \
+                 computed on replay, or is a credential",
+                parsed.as_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn purge(State(state): State<AdminState>) -> Response {
     match state.store.purge_expired().await {
         Ok(n) => {
@@ -321,5 +368,103 @@ async fn purge(State(state): State<AdminState>) -> Response {
             Json(json!({"purged": n})).into_response()
         }
         Err(e) => store_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn admin() -> axum::Router {
+        router(AdminState {
+            store: Arc::new(idemgate::store::MemoryStore::new()),
+            metrics: Arc::new(Metrics::new()),
+            token: None,
+        })
+    }
+
+    /// The status and the `error` member of the JSON answer to `method path` with `body`.
+    async fn call(method: &str, path: &str, body: impl Into<axum::body::Body>) -> (u16, String) {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(body.into())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let response = admin()
+            .oneshot(request)
+            .await
+            .unwrap_or_else(|e| match e {});
+        let status = response.status().as_u16();
+        let kind = response.headers().get("content-type").cloned();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!("{method} {path}: {status} {kind:?} not JSON ({e}): {bytes:?}")
+        });
+        let message = json["error"].as_str().unwrap_or_default().to_owned();
+        assert!(!message.is_empty(), "{method} {path}: {json}");
+        (status, message)
+    }
+
+    const ID: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    #[tokio::test]
+    async fn every_error_is_json_with_an_error_member() {
+        let (status, _) = call("GET", "/no-such-route", "").await;
+        assert_eq!(status, 404);
+        let (status, _) = call("PUT", &format!("/keys/{ID}"), "").await;
+        assert_eq!(status, 405);
+        let (status, message) = call("DELETE", &format!("/keys/{ID}?force=maybe"), "").await;
+        assert_eq!(status, 400);
+        assert!(message.contains("force"), "{message}");
+        let (status, _) = call("GET", "/keys/zz", "").await;
+        assert_eq!(status, 400);
+        // Past axum's default body limit (2 MiB).
+        let huge = vec![b'a'; 3 << 20];
+        let (status, _) = call("POST", &format!("/keys/{ID}/resolve"), huge).await;
+        assert_eq!(status, 413);
+        let (status, _) = call("POST", &format!("/keys/{ID}/resolve"), "{bad").await;
+        assert_eq!(status, 400);
+    }
+
+    #[tokio::test]
+    async fn a_resolve_response_must_be_one_idemgate_would_replay() {
+        let respond = |status: u16, headers: Value| {
+            json!({"action": "respond", "status": status, "headers": headers, "body": "{}"})
+                .to_string()
+        };
+        let refused = [
+            (respond(100, json!([])), "status"),
+            (respond(600, json!([])), "status"),
+            (respond(201, json!([["bad name", "v"]])), "bad name"),
+            (respond(201, json!([["x-a", "v\r\nx-b: injected"]])), "x-a"),
+            (
+                respond(201, json!([["Content-Length", "2"]])),
+                "content-length",
+            ),
+            (respond(201, json!([["connection", "close"]])), "connection"),
+            (respond(201, json!([["set-cookie", "s=1"]])), "set-cookie"),
+        ];
+        for (body, named) in refused {
+            let (status, message) =
+                call("POST", &format!("/keys/{ID}/resolve"), body.clone()).await;
+            assert_eq!(status, 400, "{body}: {message}");
+            assert!(message.contains(named), "{body}: {message}");
+        }
+        // A valid answer gets past the checks to the store, which has no such record.
+        let (status, message) = call(
+            "POST",
+            &format!("/keys/{ID}/resolve"),
+            respond(201, json!([["content-type", "application/json"]])),
+        )
+        .await;
+        assert_eq!(status, 404, "{message}");
     }
 }

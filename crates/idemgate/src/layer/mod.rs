@@ -63,7 +63,7 @@ mod replay;
 mod service;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
-pub use replay::{REPLAYED, storable_head};
+pub use replay::{REPLAYED, never_replayed, storable_head};
 pub use service::{Idempotency, IdempotencyLayer, IdempotencyLayerBuilder, ResponseFuture};
 
 /// What a forwarding inner service knows about a failed attempt, attached to its response's

@@ -33,6 +33,19 @@ const NEVER_STORED: &[&str] = &[
     "content-length",
 ];
 
+/// Whether idemgate never stores a response header of this (lowercase) name, whatever the
+/// policy allows: it describes one connection or one moment (`connection`, `date`), is
+/// recomputed on replay (`content-length`), or is a credential (`set-cookie`). An operator's
+/// answer to an outcome-unknown record (the admin API's `resolve`) is held to the same rule.
+///
+/// ```
+/// assert!(idemgate::layer::never_replayed("content-length"));
+/// assert!(!idemgate::layer::never_replayed("content-type"));
+/// ```
+pub fn never_replayed(name: &str) -> bool {
+    NEVER_STORED.contains(&name)
+}
+
 /// Whether the response header `name` may be stored under `policy`. `connection_named` lists the
 /// names the response's `Connection` header marks as hop-by-hop.
 pub(crate) fn is_storable(name: &str, policy: &Policy, connection_named: &[String]) -> bool {
@@ -43,7 +56,7 @@ pub(crate) fn is_storable(name: &str, policy: &Policy, connection_named: &[Strin
     {
         return true;
     }
-    !(NEVER_STORED.contains(&name)
+    !(never_replayed(name)
         || name.contains("token")
         || name.contains("secret")
         || connection_named.iter().any(|c| c == name)
