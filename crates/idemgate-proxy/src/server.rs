@@ -780,7 +780,7 @@ fn connection_service(
         }
         let mut proxy = proxy.clone();
         async move {
-            let response = match refused {
+            let mut response = match refused {
                 Some(kind) => Problem::new(kind).into_response(),
                 None => match proxy.call(Request::from_parts(parts, body)).await {
                     Ok(response) => response,
@@ -790,7 +790,6 @@ fn connection_service(
             if let Some(entry) = &access {
                 entry.status(response.status());
             }
-            let mut response = response;
             parser_refusals::keep_distinguishable(&mut response);
             Ok(response.map(|body| ClientBody::new(body, in_progress, access)))
         }
