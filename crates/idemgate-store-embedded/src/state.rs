@@ -139,13 +139,16 @@ pub(crate) struct View<'a> {
 }
 
 impl<'a> View<'a> {
+    /// A view for a batch that changes about `changes` records: its table is made that size
+    /// at once rather than grown by doubling, one rehash after another.
     pub(crate) fn new(
         overlay: &'a Overlay,
         frozen: Option<&'a Overlay>,
         snapshot: &'a Snapshot,
+        changes: usize,
     ) -> View<'a> {
         View {
-            staged: Overlay::default(),
+            staged: Overlay::with_capacity_and_hasher(changes, Default::default()),
             overlay,
             frozen,
             snapshot,

@@ -342,7 +342,12 @@ impl Writer {
         &mut self,
         batch: &[(OpKind, Reply)],
     ) -> Result<Vec<Result<Output, StoreError>>, StoreError> {
-        let mut view = View::new(&self.overlay, self.frozen.as_deref(), &self.snapshot);
+        let mut view = View::new(
+            &self.overlay,
+            self.frozen.as_deref(),
+            &self.snapshot,
+            batch.len(),
+        );
         let mut answers = Vec::with_capacity(batch.len());
         let mut notify = Vec::new();
         for (op, _) in batch {
@@ -457,7 +462,12 @@ impl Writer {
         {
             return;
         }
-        let frozen = Arc::new(std::mem::take(&mut self.overlay));
+        // The next interval likely changes about as many records: its overlay starts that
+        // size instead of growing there by doubling (each step a new table, every entry moved,
+        // fresh pages faulted in).
+        let next_overlay =
+            Overlay::with_capacity_and_hasher(self.overlay.len(), Default::default());
+        let frozen = Arc::new(std::mem::replace(&mut self.overlay, next_overlay));
         // From here on batches are logged to the next generation; the checkpoint records that
         // the file holds everything before it.
         let next = self.wal.generation() + 1;
@@ -500,7 +510,7 @@ impl Writer {
     fn purge_step(&mut self, run: &mut PurgeRun) -> Result<(u64, bool), StoreError> {
         let now = Timestamp::now();
         let limit = self.config.purge_batch;
-        let mut view = View::new(&self.overlay, self.frozen.as_deref(), &self.snapshot);
+        let mut view = View::new(&self.overlay, self.frozen.as_deref(), &self.snapshot, 0);
         let mut deleted = Vec::new();
         if !run.changed_scanned {
             run.changed_scanned = true;
