@@ -39,6 +39,17 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> (usize, 
     }
 }
 
+/// Everything the proxy sends until it closes the connection, as text. Panics if it stays
+/// open for 5 s.
+async fn answer_until_closed(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The value of one series (name and labels, as printed) on the admin API's `/metrics`.
 async fn metric(proxy: &Proxy, series: &str) -> u64 {
     let metrics = support::Client::new(proxy.admin()).get("/metrics").await;
@@ -445,12 +456,7 @@ async fn a_head_the_parser_refuses_gets_a_problem_and_is_counted_as_malformed() 
     for (bytes, status, slug) in refused {
         let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
         stream.write_all(bytes).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_until_closed(&mut stream).await;
         let (head, body) = answer
             .split_once("\r\n\r\n")
             .unwrap_or_else(|| panic!("no complete head: {answer}"));
@@ -483,12 +489,7 @@ async fn a_head_the_parser_refuses_gets_a_problem_and_is_counted_as_malformed() 
     let head = read_response(&mut stream).await;
     assert!(head.starts_with("HTTP/1.0 201"), "{head}");
     stream.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_until_closed(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.0 400 "), "{answer}");
     assert!(
         answer.contains("https://idemgate.dev/problems/malformed-request"),
@@ -529,12 +530,7 @@ async fn an_upstreams_empty_400_is_not_taken_for_a_parser_refusal() {
     ] {
         let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
         stream.write_all(request).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("the connection is still open after 5 s"))
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_until_closed(&mut stream).await;
         assert!(answer.starts_with("HTTP/1."), "{answer}");
         assert!(answer[8..].starts_with(" 400 "), "{answer}");
         assert!(answer.ends_with("\r\n\r\n"), "a body was added: {answer}");

@@ -493,21 +493,7 @@ async fn truncated_request_body_is_never_forwarded() {
 async fn a_streamed_request_body_that_fails_is_the_clients_error() {
     let up = Upstream::start().await;
     let (proxy, _client) = proxy_for(&up.url(), &[]).await;
-    let head = "POST /orders HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-                transfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n\r\n";
-    let answer = raw_exchange(
-        proxy.addr(),
-        head.as_bytes(),
-        false,
-        Some("}"),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-    assert!(
-        answer.contains("https://idemgate.dev/problems/request-body-incomplete"),
-        "{answer}"
-    );
+    support::assert_a_failing_streamed_body_is_a_400(proxy.addr()).await;
 
     let admin = Client::new(proxy.admin());
     let metrics = admin.get("/metrics").await;

@@ -130,19 +130,5 @@ async fn an_https_upstream_that_does_not_speak_tls_is_unreachable_and_releases_t
 async fn a_streamed_request_body_that_fails_is_the_clients_error() {
     let up = H2cUpstream::start(H2Fault::None).await;
     let (proxy, _client) = proxy_for(&up.url()).await;
-    let head = "POST /orders HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-                transfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n\r\n";
-    let answer = support::raw_exchange(
-        proxy.addr(),
-        head.as_bytes(),
-        false,
-        Some("}"),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-    assert!(
-        answer.contains("https://idemgate.dev/problems/request-body-incomplete"),
-        "{answer}"
-    );
+    support::assert_a_failing_streamed_body_is_a_400(proxy.addr()).await;
 }

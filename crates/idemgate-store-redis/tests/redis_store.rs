@@ -922,13 +922,7 @@ async fn cluster_node_killed_and_restarted() {
 #[tokio::test]
 async fn a_cluster_node_connection_gone_dark_is_replaced() {
     let c = RedisCluster::start(3);
-    let store = RedisStore::builder(c.url())
-        .key_prefix(prefix())
-        .timeout(Duration::from_millis(300))
-        .dead_connection_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .expect("connect");
+    let store = darkening_store(&c.url()).await;
     let ids: Vec<RecordId> = (120..132).map(id).collect();
     for k in &ids {
         let t = Token::random();
@@ -1009,6 +1003,18 @@ async fn readiness_explains_a_missing_config_permission() {
     );
 }
 
+/// A store for the dark-connection tests: operations time out after 300 ms, a connection
+/// gone dark is given up after 2 s.
+async fn darkening_store(url: &str) -> RedisStore {
+    RedisStore::builder(url)
+        .key_prefix(prefix())
+        .timeout(Duration::from_millis(300))
+        .dead_connection_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("connect")
+}
+
 /// A connection that goes dark (its packets dropped both ways, as when a NAT or load balancer
 /// forgets it: no FIN, no RST) is given up within the dead-connection timeout and replaced,
 /// so the store answers again in seconds instead of after the kernel's retransmissions give
@@ -1019,13 +1025,7 @@ async fn a_connection_gone_dark_is_replaced() {
     let srv = RedisServer::builder()
         .config("maxmemory-policy noeviction")
         .start();
-    let store = RedisStore::builder(srv.url())
-        .key_prefix(prefix())
-        .timeout(Duration::from_millis(300))
-        .dead_connection_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .expect("connect");
+    let store = darkening_store(&srv.url()).await;
     let t = Token::random();
     assert!(matches!(
         store

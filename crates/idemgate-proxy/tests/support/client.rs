@@ -266,3 +266,24 @@ pub async fn raw_exchange(
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Sends an unprotected POST (no key) whose chunked body turns malformed after its first
+/// chunk, so it fails while it streams to the upstream, and checks that the answer is the
+/// client's error: 400 `request-body-incomplete`.
+pub async fn assert_a_failing_streamed_body_is_a_400(addr: SocketAddr) {
+    let request = "POST /orders HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                   transfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n\r\n";
+    let answer = raw_exchange(
+        addr,
+        request.as_bytes(),
+        false,
+        Some("}"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.contains("https://idemgate.dev/problems/request-body-incomplete"),
+        "{answer}"
+    );
+}

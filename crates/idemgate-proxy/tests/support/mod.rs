@@ -14,7 +14,7 @@ pub mod held;
 pub mod process;
 pub mod upstream;
 
-pub use client::{Client, Req, Resp, raw_exchange};
+pub use client::{Client, Req, Resp, assert_a_failing_streamed_body_is_a_400, raw_exchange};
 pub use fault::{Fault, FaultUpstream, closed_port};
 pub use h2c::{H2Fault, H2cUpstream};
 pub use process::{Proxy, ProxyBuilder, run_idemgate};
