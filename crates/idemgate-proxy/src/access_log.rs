@@ -13,6 +13,9 @@
 //! the queue is full, further lines are dropped and counted
 //! (`idemgate_access_log_lines_dropped_total`) rather than holding up requests.
 //!
+//! A head the HTTP parser refused gets a line too, with `-` for the method and path it could
+//! not read ([`AccessLog::refused_head`]).
+//!
 //! A line names the record by its id, never by the `Idempotency-Key` or the caller's
 //! credentials (SPEC §2), and carries the path without its query string, which can hold secrets.
 
@@ -83,6 +86,24 @@ impl AccessLog {
         }
     }
 
+    /// The line of a request head the HTTP parser refused, answered with `status` and a
+    /// problem of `body_bytes` (no method, path or record is known; see
+    /// [`crate::parser_refusals`]).
+    pub fn refused_head(&self, client: SocketAddr, status: u16, body_bytes: u64) {
+        self.submit(AccessRecord {
+            at: SystemTime::now(),
+            client,
+            method: None,
+            path: "-".into(),
+            status: Some(status),
+            outcome: outcome_label(RequestOutcome::Rejected),
+            record_id: None,
+            body_bytes,
+            response: "complete",
+            elapsed: Duration::ZERO,
+        });
+    }
+
     /// Writes what is queued and stops the writer; waits for it at most `within` (standard
     /// output may be blocked). Lines sent after this are dropped.
     pub async fn close(&self, within: Duration) {
@@ -136,7 +157,8 @@ fn write_batches(queue: Receiver<AccessRecord>, mut out: Box<dyn Write + Send>, 
 struct AccessRecord {
     at: SystemTime,
     client: SocketAddr,
-    method: Method,
+    /// `None`: the request's head could not be parsed.
+    method: Option<Method>,
     path: Box<str>,
     /// `None`: no response head went out.
     status: Option<u16>,
@@ -154,7 +176,7 @@ impl AccessRecord {
             "{} client={} method={} path={} status=",
             humantime::format_rfc3339_millis(self.at),
             self.client,
-            self.method,
+            self.method.as_ref().map_or("-", Method::as_str),
             self.path
         );
         match self.status {
@@ -282,7 +304,7 @@ impl AccessEntry {
         self.log.submit(AccessRecord {
             at: self.at,
             client: self.client,
-            method: std::mem::take(&mut state.method),
+            method: Some(std::mem::take(&mut state.method)),
             path: std::mem::take(&mut state.path),
             status: state.status.map(|s| s.as_u16()),
             outcome: state
@@ -332,7 +354,7 @@ mod tests {
         AccessRecord {
             at: UNIX_EPOCH,
             client: "127.0.0.1:4000".parse().unwrap(),
-            method: Method::POST,
+            method: Some(Method::POST),
             path: "/orders".into(),
             status: Some(201),
             outcome: "executed",

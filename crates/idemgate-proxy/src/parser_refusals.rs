@@ -15,15 +15,25 @@
 //! answer. Anything else passes through untouched; were a hyper upgrade to change the shape,
 //! clients would get hyper's empty answer again, and the black-box tests say so.
 //!
+//! Once written, a rewritten answer is counted as a rejected request and, with `--access-log`,
+//! logged ([`RefusalReport`]), as the service does for the requests it refuses.
+//!
 //! HTTP/2 is not concerned: there, a stream hyper refuses is reset, not answered.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use http::{HeaderValue, Response, StatusCode, header};
+use idemgate::observe::{Observer, RequestOutcome};
 use idemgate::problem::{Problem, ProblemKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::access_log::AccessLog;
+use crate::metrics::Metrics;
 
 /// The statuses hyper answers parse errors with (after `HTTP/1.x `), and the problem each
 /// stands for.
@@ -49,9 +59,17 @@ const END: &[u8] = b"\r\n\r\n";
 const LONGEST: usize =
     VERSION_LEN + REFUSALS[2].0.len() + CLOSE.len() + LENGTH_AND_DATE.len() + DATE_LEN + END.len();
 
+/// A problem response written in place of hyper's answer.
+struct Replacement {
+    answer: Vec<u8>,
+    sent: usize,
+    status: u16,
+    body_bytes: u64,
+}
+
 /// The problem response that replaces `written`, if `written` is hyper's whole answer to a
 /// request it could not parse.
-fn replacement(written: &[u8]) -> Option<Vec<u8>> {
+fn replacement(written: &[u8]) -> Option<Replacement> {
     if written.len() > LONGEST || written.len() < VERSION_LEN {
         return None;
     }
@@ -88,7 +106,12 @@ fn replacement(written: &[u8]) -> Option<Vec<u8>> {
     answer.extend_from_slice(date);
     answer.extend_from_slice(END);
     answer.extend_from_slice(body);
-    Some(answer)
+    Some(Replacement {
+        answer,
+        sent: 0,
+        status: kind.status().as_u16(),
+        body_bytes: body.len() as u64,
+    })
 }
 
 /// Makes sure `response` cannot be mistaken for hyper's answer to a parse error (see the
@@ -112,20 +135,43 @@ pub fn keep_distinguishable<B>(response: &mut Response<B>) {
     }
 }
 
+/// Where a refused head is counted (`requests_total{outcome="rejected"}`) and logged, like
+/// every other refused request.
+pub struct RefusalReport {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The proxy's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The access log, with `--access-log`.
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+impl RefusalReport {
+    fn refused(&self, status: u16, body_bytes: u64) {
+        self.metrics.request(RequestOutcome::Rejected);
+        if let Some(log) = &self.access_log {
+            log.refused_head(self.client, status, body_bytes);
+        }
+    }
+}
+
 /// A client connection's stream whose writes carry problem documents where hyper would
 /// answer a request it could not parse with an empty response.
 pub struct RefusalsAsProblems<S> {
     stream: S,
-    /// The problem response being written in place of hyper's answer, and how much of it is.
-    replacing: Option<(Vec<u8>, usize)>,
+    /// The problem response being written in place of hyper's answer.
+    replacing: Option<Replacement>,
+    report: Option<RefusalReport>,
 }
 
 impl<S> RefusalsAsProblems<S> {
-    /// `stream`, with hyper's answers to parse errors rewritten.
-    pub fn new(stream: S) -> Self {
+    /// `stream`, with hyper's answers to parse errors rewritten, each reported to `report`
+    /// once written.
+    pub fn new(stream: S, report: Option<RefusalReport>) -> Self {
         RefusalsAsProblems {
             stream,
             replacing: None,
+            report,
         }
     }
 }
@@ -134,14 +180,17 @@ impl<S: AsyncWrite + Unpin> RefusalsAsProblems<S> {
     /// Writes the rest of the replacement; ready once all of it is written. hyper writes the
     /// same buffer again after `Pending`, and is told all of it went out only at the end.
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let Some((answer, sent)) = &mut self.replacing {
-            if *sent == answer.len() {
+        while let Some(r) = &mut self.replacing {
+            if r.sent == r.answer.len() {
+                if let Some(report) = &self.report {
+                    report.refused(r.status, r.body_bytes);
+                }
                 self.replacing = None;
                 break;
             }
-            match ready!(Pin::new(&mut self.stream).poll_write(cx, &answer[*sent..])) {
+            match ready!(Pin::new(&mut self.stream).poll_write(cx, &r.answer[r.sent..])) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => *sent += n,
+                Ok(n) => r.sent += n,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -167,7 +216,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalsAsProblems<S> {
     ) -> Poll<io::Result<usize>> {
         if self.replacing.is_none() {
             match replacement(buf) {
-                Some(answer) => self.replacing = Some((answer, 0)),
+                Some(answer) => self.replacing = Some(answer),
                 None => return Pin::new(&mut self.stream).poll_write(cx, buf),
             }
         }
@@ -187,7 +236,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalsAsProblems<S> {
                 _ => None,
             };
             match answer {
-                Some(answer) => self.replacing = Some((answer, 0)),
+                Some(answer) => self.replacing = Some(answer),
                 None => return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs),
             }
         }
@@ -251,7 +300,8 @@ mod tests {
             ("HTTP/1.0 400 Bad Request", 400, "malformed-request"),
         ] {
             let answer = replacement(&hypers_answer(status_line))
-                .unwrap_or_else(|| panic!("{status_line} not recognised"));
+                .unwrap_or_else(|| panic!("{status_line} not recognised"))
+                .answer;
             let (head, body) = parsed(&answer);
             let declared = head
                 .lines()
@@ -298,9 +348,8 @@ mod tests {
             Vec::new(),
         ];
         for written in others {
-            assert_eq!(
-                replacement(&written),
-                None,
+            assert!(
+                replacement(&written).is_none(),
                 "{}",
                 String::from_utf8_lossy(&written)
             );
@@ -371,11 +420,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_replacement_goes_out_whole_through_short_writes() {
-        let mut stream = RefusalsAsProblems::new(Trickle {
-            taken: Vec::new(),
-            per_write: 7,
-            pending_next: false,
-        });
+        let mut stream = RefusalsAsProblems::new(
+            Trickle {
+                taken: Vec::new(),
+                per_write: 7,
+                pending_next: false,
+            },
+            None,
+        );
         let answer = hypers_answer("HTTP/1.1 431 Request Header Fields Too Large");
         // hyper is told its whole buffer went out, in one write.
         let n = stream
@@ -389,11 +441,14 @@ mod tests {
         assert_eq!(body["status"], 431);
 
         // Later writes pass through as they are.
-        let mut plain = RefusalsAsProblems::new(Trickle {
-            taken: Vec::new(),
-            per_write: 7,
-            pending_next: false,
-        });
+        let mut plain = RefusalsAsProblems::new(
+            Trickle {
+                taken: Vec::new(),
+                per_write: 7,
+                pending_next: false,
+            },
+            None,
+        );
         plain
             .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
             .await

@@ -5,7 +5,7 @@
 //! is parsed and then refused here with an RFC 9457 problem, counted and logged like every
 //! other refused request. Past hyper's own, larger limits (and for bytes that are not HTTP at
 //! all) hyper answers, [`crate::parser_refusals`] turns its empty answer into a problem, and
-//! only the connection's close is counted (`client_connections_closed{reason="malformed"}`).
+//! it is counted and logged as a rejected request with what is known of it.
 //! The number of header lines is left to hyper (at most 100 over HTTP/1.1): raising its limit
 //! past that makes it allocate the parser's header table on the heap for every request.
 

@@ -31,7 +31,7 @@ use crate::client_timeouts::{self, Activity, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
 use crate::metrics::{ClientClose, Metrics};
-use crate::parser_refusals::{self, RefusalsAsProblems};
+use crate::parser_refusals::{self, RefusalReport, RefusalsAsProblems};
 use crate::request_head;
 use crate::routes::{RouteEntry, RouteTable, RouteTarget, SharedRoutes};
 use crate::store::Tracked;
@@ -664,11 +664,14 @@ impl Worker {
                             access_log.clone(),
                             metrics.clone(),
                         );
-                        let stream = RefusalsAsProblems::new(WriteDeadline::new(
-                            stream,
-                            client_timeout,
-                            Some(metrics.clone()),
-                        ));
+                        let stream = RefusalsAsProblems::new(
+                            WriteDeadline::new(stream, client_timeout, Some(metrics.clone())),
+                            Some(RefusalReport {
+                                client: peer,
+                                metrics: metrics.clone(),
+                                access_log: access_log.clone(),
+                            }),
+                        );
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
                         let closes = metrics.clone();

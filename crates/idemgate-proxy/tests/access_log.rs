@@ -376,3 +376,44 @@ async fn a_head_over_the_limits_gets_a_problem_and_is_logged() {
         "four rejected requests counted:\n{text}"
     );
 }
+
+/// A head the HTTP parser refuses is counted and logged like every other refused request,
+/// though no method or path is known for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_the_parser_refuses_is_logged_and_counted_as_rejected() {
+    let up = Upstream::start().await;
+    let (proxy, _client) = logging_proxy(&up, &[]).await;
+    let answer = support::raw_exchange(
+        proxy.addr(),
+        b"NOT HTTP AT ALL\r\n\r\n",
+        false,
+        None,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let body_bytes = answer.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+
+    let lines = wait_for_lines(&proxy, 1).await;
+    let line = &lines[0];
+    assert_eq!(line["method"], "-", "{line:?}");
+    assert_eq!(line["path"], "-", "{line:?}");
+    assert_eq!(line["status"], "400", "{line:?}");
+    assert_eq!(line["outcome"], "rejected", "{line:?}");
+    assert_eq!(line["record_id"], "-", "{line:?}");
+    assert_eq!(line["body_bytes"], body_bytes.to_string(), "{line:?}");
+    assert_eq!(
+        line["client"].split(':').next(),
+        Some("127.0.0.1"),
+        "{line:?}"
+    );
+
+    let metrics = Client::new(proxy.admin()).get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("idemgate_requests_total{outcome=\"rejected\"} 1")),
+        "one rejected request counted:\n{text}"
+    );
+    assert_eq!(up.total(), 0);
+}
