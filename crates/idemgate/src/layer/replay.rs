@@ -33,10 +33,11 @@ const NEVER_STORED: &[&str] = &[
     "content-length",
 ];
 
-/// Whether idemgate never stores a response header of this (lowercase) name, whatever the
-/// policy allows: it describes one connection or one moment (`connection`, `date`), is
-/// recomputed on replay (`content-length`), or is a credential (`set-cookie`). An operator's
-/// answer to an outcome-unknown record (the admin API's `resolve`) is held to the same rule.
+/// Whether idemgate leaves a response header of this (lowercase) name out of what it stores
+/// (unless a route's policy names it in `header_allow`): it describes one connection or one
+/// moment (`connection`, `date`), is recomputed on replay (`content-length`), or is a
+/// credential (`set-cookie`). An operator's answer to an outcome-unknown record (the admin
+/// API's `resolve`, which knows no route) is held to the same rule.
 ///
 /// ```
 /// assert!(idemgate::layer::never_replayed("content-length"));
