@@ -298,21 +298,16 @@ async fn resolve(
             if !(200..=599).contains(&status) {
                 return error(StatusCode::BAD_REQUEST, "status must be 200..=599");
             }
-            if let Err(refused) = replayable_headers(&headers) {
-                return error(StatusCode::BAD_REQUEST, refused);
-            }
+            let headers = match replayable_headers(headers) {
+                Ok(headers) => headers,
+                Err(refused) => return error(StatusCode::BAD_REQUEST, refused),
+            };
             let ttl = match ttl.as_deref().map(crate::units::parse_duration) {
                 None => Duration::from_secs(24 * 3600),
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
             };
-            let head = ResponseHead {
-                status,
-                headers: headers
-                    .into_iter()
-                    .map(|(n, v)| (n.to_ascii_lowercase(), Bytes::from(v.into_bytes())))
-                    .collect(),
-            };
+            let head = ResponseHead { status, headers };
             (
                 Resolution::Respond {
                     outcome: Outcome::Response {
@@ -340,24 +335,28 @@ async fn resolve(
     }
 }
 
-/// Refuses a header field a replay could not send or idemgate never replays (a replay skips
-/// the first kind silently, so the operator would not learn of it otherwise).
-fn replayable_headers(headers: &[(String, String)]) -> Result<(), String> {
-    for (name, value) in headers {
-        let parsed = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("{name:?} is not a valid header name"))?;
-        if http::HeaderValue::from_bytes(value.as_bytes()).is_err() {
-            return Err(format!("the value of {name:?} is not a valid header value"));
-        }
-        if idemgate::layer::never_replayed(parsed.as_str()) {
-            return Err(format!(
-                "idemgate never replays {:?}: it describes one connection or moment, is \
-                 computed on replay, or is a credential",
-                parsed.as_str()
-            ));
-        }
-    }
-    Ok(())
+/// The fields of an operator's response as a stored head holds them (names lowercase), or
+/// why one is refused: a field a replay could not send (a replay would skip it silently, so
+/// the operator would not learn of it otherwise) or one idemgate never replays.
+fn replayable_headers(headers: Vec<(String, String)>) -> Result<Vec<(String, Bytes)>, String> {
+    headers
+        .into_iter()
+        .map(|(name, value)| {
+            let parsed = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a valid header name"))?;
+            if http::HeaderValue::from_bytes(value.as_bytes()).is_err() {
+                return Err(format!("the value of {name:?} is not a valid header value"));
+            }
+            if idemgate::layer::never_replayed(parsed.as_str()) {
+                return Err(format!(
+                    "idemgate never replays {:?}: it describes one connection or moment, is \
+                     computed on replay, or is a credential",
+                    parsed.as_str()
+                ));
+            }
+            Ok((parsed.as_str().to_owned(), Bytes::from(value.into_bytes())))
+        })
+        .collect()
 }
 
 async fn purge(State(state): State<AdminState>) -> Response {

@@ -494,12 +494,9 @@ pub fn classify(error: &hyper_util::client::legacy::Error, http2_only: bool) -> 
     Failure::NoResponse
 }
 
-fn problem<B>(
-    kind: ProblemKind,
-    status: StatusCode,
-    hint: OutcomeHint,
-) -> Response<ForwardBody<B>> {
-    let mut r: Response<Full<Bytes>> = Problem::new(kind).with_status(status).into_response();
+/// `problem` as the forwarder's answer, telling the layer `hint`.
+fn problem<B>(problem: Problem, hint: OutcomeHint) -> Response<ForwardBody<B>> {
+    let mut r: Response<Full<Bytes>> = problem.into_response();
     r.extensions_mut().insert(hint);
     r.map(Either::Right)
 }
@@ -547,8 +544,7 @@ where
     ) {
         tracing::warn!(error = %e, "request not forwarded");
         return problem(
-            ProblemKind::UpstreamUnreachable,
-            StatusCode::BAD_GATEWAY,
+            Problem::new(ProblemKind::UpstreamUnreachable).with_status(StatusCode::BAD_GATEWAY),
             OutcomeHint::NotSent,
         );
     }
@@ -588,22 +584,21 @@ where
             // whole, and checked, before anything is forwarded.
             observe(UpstreamResult::ClientBodyFailed);
             tracing::debug!(%error, "the client's request body failed while it was forwarded");
-            let mut r: Response<Full<Bytes>> = Problem::new(ProblemKind::RequestBodyIncomplete)
-                .with_detail(
+            problem(
+                Problem::new(ProblemKind::RequestBodyIncomplete).with_detail(
                     "The request body failed part-way (it was malformed, or stopped arriving) \
                      while it was forwarded; the upstream did not receive a complete request.",
-                )
-                .into_response();
-            r.extensions_mut().insert(OutcomeHint::NotSent);
-            r.map(Either::Right)
+                ),
+                OutcomeHint::NotSent,
+            )
         }
         Ok(Err((failure, error))) => match failure {
             Failure::NotSent => {
                 observe(UpstreamResult::Unreachable);
                 tracing::warn!(%error, "upstream unreachable; request not sent");
                 problem(
-                    ProblemKind::UpstreamUnreachable,
-                    StatusCode::BAD_GATEWAY,
+                    Problem::new(ProblemKind::UpstreamUnreachable)
+                        .with_status(StatusCode::BAD_GATEWAY),
                     OutcomeHint::NotSent,
                 )
             }
@@ -613,8 +608,7 @@ where
                 observe(UpstreamResult::NoResponse);
                 tracing::warn!(%error, "upstream sent no response head; outcome unknown");
                 problem(
-                    ProblemKind::OutcomeUnknown,
-                    StatusCode::BAD_GATEWAY,
+                    Problem::new(ProblemKind::OutcomeUnknown).with_status(StatusCode::BAD_GATEWAY),
                     OutcomeHint::NoResponse,
                 )
             }
@@ -626,8 +620,7 @@ where
                 "no upstream response head in time; outcome unknown"
             );
             problem(
-                ProblemKind::OutcomeUnknown,
-                StatusCode::GATEWAY_TIMEOUT,
+                Problem::new(ProblemKind::OutcomeUnknown).with_status(StatusCode::GATEWAY_TIMEOUT),
                 OutcomeHint::NoResponse,
             )
         }

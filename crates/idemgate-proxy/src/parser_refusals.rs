@@ -161,13 +161,13 @@ pub struct RefusalsAsProblems<S> {
     stream: S,
     /// The problem response being written in place of hyper's answer.
     replacing: Option<Replacement>,
-    report: Option<RefusalReport>,
+    report: RefusalReport,
 }
 
 impl<S> RefusalsAsProblems<S> {
     /// `stream`, with hyper's answers to parse errors rewritten, each reported to `report`
     /// once written.
-    pub fn new(stream: S, report: Option<RefusalReport>) -> Self {
+    pub fn new(stream: S, report: RefusalReport) -> Self {
         RefusalsAsProblems {
             stream,
             replacing: None,
@@ -182,9 +182,7 @@ impl<S: AsyncWrite + Unpin> RefusalsAsProblems<S> {
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(r) = &mut self.replacing {
             if r.sent == r.answer.len() {
-                if let Some(report) = &self.report {
-                    report.refused(r.status, r.body_bytes);
-                }
+                self.report.refused(r.status, r.body_bytes);
                 self.replacing = None;
                 break;
             }
@@ -418,6 +416,14 @@ mod tests {
         }
     }
 
+    fn report() -> RefusalReport {
+        RefusalReport {
+            client: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            metrics: Arc::new(Metrics::new()),
+            access_log: None,
+        }
+    }
+
     #[tokio::test]
     async fn the_replacement_goes_out_whole_through_short_writes() {
         let mut stream = RefusalsAsProblems::new(
@@ -426,7 +432,7 @@ mod tests {
                 per_write: 7,
                 pending_next: false,
             },
-            None,
+            report(),
         );
         let answer = hypers_answer("HTTP/1.1 431 Request Header Fields Too Large");
         // hyper is told its whole buffer went out, in one write.
@@ -447,7 +453,7 @@ mod tests {
                 per_write: 7,
                 pending_next: false,
             },
-            None,
+            report(),
         );
         plain
             .write_all(b"HTTP/1.1 200 OK\r\n\r\n")

@@ -666,11 +666,11 @@ impl Worker {
                         );
                         let stream = RefusalsAsProblems::new(
                             WriteDeadline::new(stream, client_timeout, Some(metrics.clone())),
-                            Some(RefusalReport {
+                            RefusalReport {
                                 client: peer,
                                 metrics: metrics.clone(),
                                 access_log: access_log.clone(),
-                            }),
+                            },
                         );
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn.into_owned());
