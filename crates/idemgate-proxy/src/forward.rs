@@ -267,6 +267,9 @@ const HOP_BY_HOP_COUNT: usize = 9;
 /// Where `Connection` is in [`HOP_BY_HOP`].
 const CONNECTION_INDEX: usize = 0;
 
+/// Where `Transfer-Encoding` is in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_INDEX: usize = 7;
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -282,7 +285,10 @@ fn host_header(authority: &http::uri::Authority) -> Result<HeaderValue, String> 
 }
 
 /// Removes hop-by-hop headers and those named in `Connection`. `TE: trailers` is kept on
-/// requests (gRPC and HTTP/2 allow it).
+/// requests (gRPC and HTTP/2 allow it). A message that came with `Transfer-Encoding` also loses
+/// its `Content-Length`: the transfer coding framed it, and a length passed on beside a body
+/// hyper re-frames would cut the message short for the next hop (RFC 9112 §6.3 tells
+/// intermediaries to remove it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // One pass over the few names present tells which of the nine are there (most requests
     // carry none, most upstream responses only `Connection: keep-alive`); only those are
@@ -329,6 +335,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if present[TRANSFER_ENCODING_INDEX] {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 
@@ -779,6 +788,22 @@ mod tests {
             let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
             left.sort_unstable();
             assert_eq!(left, ["content-length", "x-request-id"]);
+        }
+
+        // A length beside a transfer coding goes with the coding, on requests and responses.
+        assert_eq!(HOP_BY_HOP[CONNECTION_INDEX], header::CONNECTION);
+        assert_eq!(
+            HOP_BY_HOP[TRANSFER_ENCODING_INDEX],
+            header::TRANSFER_ENCODING
+        );
+        for keep_te_trailers in [false, true] {
+            let mut h = HeaderMap::new();
+            h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+            h.insert("content-length", HeaderValue::from_static("3"));
+            h.insert("content-type", HeaderValue::from_static("text/plain"));
+            strip_hop_by_hop(&mut h, keep_te_trailers);
+            assert_eq!(h.len(), 1, "{h:?}");
+            assert!(h.contains_key("content-type"));
         }
     }
 

@@ -224,6 +224,40 @@ async fn response_reset_mid_body_is_response_incomplete() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_framed_by_both_chunking_and_a_length_reaches_the_client_whole() {
+    // RFC 9112 §6.3: the chunking frames this body (11 bytes); the stale `Content-Length: 3`
+    // must not be passed on, or the first client gets 3 bytes while retries get 11.
+    let up = FaultUpstream::start(Fault::Answer(
+        b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\
+          content-length: 3\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    ))
+    .await;
+    let (_proxy, client) = proxy_for(&up.url(), &[]).await;
+
+    let first = client.send(Req::post("/orders").key("te-cl-1")).await;
+    assert_eq!(first.status, 201, "{}", first.summary());
+    assert_eq!(&first.body[..], b"hello world", "{}", first.summary());
+    assert!(first.body_error.is_none(), "{}", first.summary());
+    assert_ne!(
+        first.header("content-length"),
+        Some("3"),
+        "{}",
+        first.summary()
+    );
+
+    let retry = client.send(Req::post("/orders").key("te-cl-1")).await;
+    assert!(retry.replayed(), "{}", retry.summary());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(up.requests(), 1);
+
+    // Streamed through unprotected, the same.
+    let passed = client.get("/orders").await;
+    assert_eq!(passed.status, 201, "{}", passed.summary());
+    assert_eq!(&passed.body[..], b"hello world", "{}", passed.summary());
+    assert!(passed.body_error.is_none(), "{}", passed.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_answer_after_client_deadline_is_stored_for_the_retry() {
     let up = FaultUpstream::start(Fault::AnswerAfter(Duration::from_millis(1500))).await;
     let (_proxy, client) = proxy_for(
