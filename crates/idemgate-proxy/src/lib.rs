@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod client_body;
+pub mod client_request_body;
 pub mod client_timeouts;
 pub mod config;
 pub mod demo;

@@ -27,6 +27,7 @@ use tower_service::Service;
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::admin::{self, AdminState};
 use crate::client_body::ClientBody;
+use crate::client_request_body::{ClientRequestBody, Gated, ResetGate};
 use crate::client_timeouts::{self, Activity, WriteDeadline};
 use crate::config::{Config, ConnectionLimit, RouteSettings, ScopeSpec};
 use crate::forward::{ClientAddr, ForwardConfig, Forwarder, MayProtect, TrustedProxies};
@@ -107,7 +108,7 @@ pub fn route_table(config: &Config) -> Result<Arc<RouteTable>, StartError> {
     )))
 }
 
-type Proxy = Idempotency<Forwarder<RequestBody<Incoming>>>;
+type Proxy = Idempotency<Forwarder<RequestBody<ClientRequestBody>>>;
 
 /// What a client connection's responses are: the layer's, keeping their request in progress
 /// and telling the access log how they ended.
@@ -781,8 +782,14 @@ fn connection_service(
                 entry.outcome(RequestOutcome::Rejected, None);
             }
         }
+        // An HTTP/2 body that did not end with its head has its end held back until hyper has
+        // checked the stream for a reset (see `client_request_body`).
+        let gate = (parts.version == http::Version::HTTP_2
+            && !http_body::Body::is_end_stream(&body))
+        .then(ResetGate::new);
+        let body = ClientRequestBody::new(body, gate.clone());
         let mut proxy = proxy.clone();
-        async move {
+        let answer = async move {
             let mut response = match refused {
                 Some(kind) => Problem::new(kind).into_response(),
                 None => match proxy.call(Request::from_parts(parts, body)).await {
@@ -795,7 +802,8 @@ fn connection_service(
             }
             parser_refusals::keep_distinguishable(&mut response);
             Ok(response.map(|body| ClientBody::new(body, in_progress, access)))
-        }
+        };
+        Gated::new(answer, gate)
     })
 }
 

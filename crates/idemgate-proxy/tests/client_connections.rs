@@ -2,7 +2,8 @@
 //! those that hold it up (idle, a request head that trickles in, a response nobody reads) and
 //! never one whose request is still in progress; `--max-connections` keeps new ones waiting in
 //! the listen backlog while the limit is reached, and closes idle ones to make room; a head the
-//! HTTP parser refuses is counted when its connection closes.
+//! HTTP parser refuses is counted when its connection closes; an HTTP/2 request body the client
+//! cuts short with a reset is never taken as complete.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -537,4 +538,71 @@ async fn an_upstreams_empty_400_is_not_taken_for_a_parser_refusal() {
         assert!(!answer.contains("problem+json"), "{answer}");
     }
     assert_eq!(up.requests(), 3);
+}
+
+/// Opens an HTTP/2 (prior knowledge) stream to the proxy, sends part of a POST body, then resets
+/// the stream with `NO_ERROR`, which hyper's server reads as the end of the body.
+async fn reset_mid_body(proxy: &Proxy, key: Option<&str>) {
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut request = http::Request::post(format!("http://{}/orders", proxy.addr()))
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let (response, mut body) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"{\"amount\":"), false)
+        .unwrap();
+    // Let the proxy read the part before the reset arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    body.send_reset(h2::Reason::NO_ERROR);
+    // The connection stays open meanwhile: closed, it would fail the body with an error of its
+    // own, whatever hyper makes of the reset.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = tokio::time::timeout(Duration::from_secs(2), response).await;
+    assert!(
+        !matches!(answered, Ok(Ok(_))),
+        "a reset request was answered: {answered:?}"
+    );
+    assert!(!driver.is_finished(), "the connection closed");
+    drop(h2);
+    driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_body_the_client_resets_is_never_taken_as_complete() {
+    // Protected: the truncated body must not be executed, and the key stays free.
+    let up = Upstream::start().await;
+    let proxy = Proxy::builder(up.url())
+        .args(["--lease", "1s"])
+        .start()
+        .await;
+    reset_mid_body(&proxy, Some("h2-reset-1")).await;
+    assert_eq!(
+        up.executions("h2-reset-1"),
+        0,
+        "a truncated body was executed"
+    );
+    let whole = support::Client::new(proxy.addr())
+        .send(support::Req::post("/orders").key("h2-reset-1"))
+        .await;
+    assert_eq!(whole.status, 201, "{}", whole.summary());
+    assert!(!whole.replayed(), "{}", whole.summary());
+    assert_eq!(up.executions("h2-reset-1"), 1);
+
+    // Streamed through unprotected: the upstream never reads a complete request (hyper's
+    // client gives the request up when the dropped service future drops it; the held-back end
+    // must not undo that).
+    let fault = FaultUpstream::start(Fault::Answer(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ))
+    .await;
+    let proxy = Proxy::builder(fault.url()).start().await;
+    reset_mid_body(&proxy, None).await;
+    assert_eq!(
+        fault.requests(),
+        0,
+        "a truncated body reached the upstream whole"
+    );
 }
