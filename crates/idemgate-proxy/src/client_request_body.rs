@@ -279,16 +279,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_end_is_released_only_on_the_poll_after_the_service_future_was_pending() {
-        let gate = ResetGate::new();
-        let mut service = std::pin::pin!(Gated::new(
+    /// A request's future whose body ends during its first poll.
+    fn reading(gate: &Arc<ResetGate>) -> Gated<Reader<'_>> {
+        Gated::new(
             Reader {
-                gate: &gate,
+                gate,
                 end_arrives: true,
             },
             Some(gate.clone()),
-        ));
+        )
+    }
+
+    #[test]
+    fn the_end_is_released_only_on_the_poll_after_the_service_future_was_pending() {
+        let gate = ResetGate::new();
+        let mut service = std::pin::pin!(reading(&gate));
         let mut cx = Context::from_waker(Waker::noop());
         // The end arrives while the service future is polled: held back, however often the
         // body is asked within that poll.
@@ -303,13 +308,7 @@ mod tests {
     fn a_service_future_dropped_before_the_release_fails_the_body() {
         let gate = ResetGate::new();
         {
-            let mut service = std::pin::pin!(Gated::new(
-                Reader {
-                    gate: &gate,
-                    end_arrives: true,
-                },
-                Some(gate.clone()),
-            ));
+            let mut service = std::pin::pin!(reading(&gate));
             let mut cx = Context::from_waker(Waker::noop());
             assert!(service.as_mut().poll(&mut cx).is_pending());
             // hyper saw the reset and drops the future.
