@@ -17,9 +17,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-
-/// Errors of a client's request body.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+use idemgate::layer::BoxError;
 
 /// A client's request body.
 pub struct ClientRequestBody {
@@ -43,17 +41,17 @@ impl ClientRequestBody {
 
 impl Body for ClientRequestBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(gate) = &this.gate else {
             return Pin::new(&mut this.inner)
                 .poll_frame(cx)
-                .map_err(BodyError::from);
+                .map_err(BoxError::from);
         };
         if !this.inner_ended {
             match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -61,7 +59,7 @@ impl Body for ClientRequestBody {
                     this.inner_ended = true;
                     gate.end_seen();
                 }
-                other => return other.map_err(BodyError::from),
+                other => return other.map_err(BoxError::from),
             }
         }
         gate.poll_end(cx)
@@ -132,7 +130,7 @@ impl ResetGate {
         }
     }
 
-    fn poll_end(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_end(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut state = self.lock();
         match state.phase {
             Phase::Released => Poll::Ready(None),
@@ -203,13 +201,12 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         gate: Option<Arc<ResetGate>>,
-        finished: bool,
     }
 
     impl<F> PinnedDrop for Gated<F> {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if !*this.finished && let Some(gate) = this.gate {
+            // After an answer the gate is released already, and this changes nothing.
+            if let Some(gate) = this.project().gate {
                 gate.finish(false);
             }
         }
@@ -219,11 +216,7 @@ pin_project_lite::pin_project! {
 impl<F> Gated<F> {
     /// `inner`, reporting to `gate` (none for HTTP/1 requests).
     pub fn new(inner: F, gate: Option<Arc<ResetGate>>) -> Self {
-        Gated {
-            inner,
-            gate,
-            finished: false,
-        }
+        Gated { inner, gate }
     }
 }
 
@@ -238,7 +231,6 @@ impl<F: Future> Future for Gated<F> {
         gate.before_poll(cx);
         match this.inner.poll(cx) {
             Poll::Ready(output) => {
-                *this.finished = true;
                 gate.finish(true);
                 Poll::Ready(output)
             }
@@ -254,7 +246,7 @@ impl<F: Future> Future for Gated<F> {
 mod tests {
     use super::*;
 
-    fn poll_end(gate: &ResetGate) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_end(gate: &ResetGate) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         gate.poll_end(&mut Context::from_waker(Waker::noop()))
     }
 
